@@ -1,0 +1,1 @@
+"""Corpus reading, sentencepiece tokenizers and the grain pipeline."""

@@ -1,0 +1,97 @@
+"""SentencePiece tokenizers: trained from the corpus on first use, then cached.
+
+The cache key is the corpus content plus the tokenizer settings, so a changed corpus
+or vocab size never reuses a stale model. Newline is a token of its own and no
+normalisation is applied, so decoding gives back the text exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import sentencepiece as spm
+
+from jaxlm.errors import JaxlmError
+
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("JAXLM_CACHE_DIR", Path.home() / ".cache" / "jaxlm"))
+
+
+def train_tokenizer(
+    documents: Sequence[str],
+    out_path: str | Path,
+    vocab_size: int,
+    model_type: str = "bpe",
+) -> Path:
+    """Train a sentencepiece model on `documents` and write it to `out_path`."""
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(documents),
+            model_writer=model,
+            vocab_size=vocab_size,
+            model_type=model_type,
+            character_coverage=1.0,
+            byte_fallback=model_type in ("bpe", "unigram"),
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            allow_whitespace_only_pieces=True,
+            user_defined_symbols=["\n"],
+            split_digits=True,
+            pad_id=PAD_ID,
+            unk_id=UNK_ID,
+            bos_id=BOS_ID,
+            eos_id=EOS_ID,
+            max_sentence_length=1 << 20,
+            num_threads=os.cpu_count() or 1,
+            minloglevel=2,
+        )
+    except RuntimeError as err:
+        raise JaxlmError(f"tokenizer training failed: {err}") from None
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_suffix(".tmp")
+    tmp.write_bytes(model.getvalue())
+    tmp.replace(out_path)
+    return out_path
+
+
+def load_tokenizer(path: str | Path) -> spm.SentencePieceProcessor:
+    path = Path(path)
+    if not path.is_file():
+        raise JaxlmError(f"tokenizer file not found: {path}")
+    sp = spm.SentencePieceProcessor()
+    try:
+        sp.load(str(path))
+    except (OSError, RuntimeError):
+        raise JaxlmError(f"tokenizer file {path} is not a sentencepiece model") from None
+    return sp
+
+
+def corpus_key(documents: Sequence[str], vocab_size: int, model_type: str) -> str:
+    h = hashlib.sha256(f"{vocab_size}:{model_type}:{len(documents)}".encode())
+    for doc in documents:
+        h.update(doc.encode("utf-8"))
+        h.update(b"\x00")
+    return h.hexdigest()[:16]
+
+
+def cached_tokenizer(
+    documents: Sequence[str], out_path: str | Path, vocab_size: int, model_type: str
+) -> Path:
+    """Copy a cached model for this corpus to `out_path`, training it if needed."""
+    cached = cache_dir() / "tokenizers" / f"{corpus_key(documents, vocab_size, model_type)}.model"
+    if not cached.is_file():
+        train_tokenizer(documents, cached, vocab_size, model_type)
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(cached, out_path)
+    return out_path

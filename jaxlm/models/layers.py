@@ -1,0 +1,96 @@
+"""Small building blocks shared by the model families, all logically annotated."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+Initializer = Callable[..., jax.Array]
+INIT_STD = 0.02  # GPT-2's
+
+
+def logical(init: Initializer, axes: tuple[str, ...]) -> Initializer:
+    return nn.with_logical_partitioning(init, axes)
+
+
+def dense_init(axes: tuple[str, ...], scale: float = 1.0) -> Initializer:
+    return logical(nn.initializers.normal(INIT_STD * scale), axes)
+
+
+def layer_norm(eps: float, dtype: jnp.dtype, param_dtype: jnp.dtype, name: str) -> nn.LayerNorm:
+    return nn.LayerNorm(
+        epsilon=eps,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        scale_init=logical(nn.initializers.ones, ("embed",)),
+        bias_init=logical(nn.initializers.zeros, ("embed",)),
+        name=name,
+    )
+
+
+class EinsumDense(nn.Module):
+    """A projection `einsum(equation, x, kernel) + bias` with named kernel axes.
+
+    Flax's DenseGeneral initialises a flattened kernel, which can't carry per-axis
+    logical names; this keeps the kernel in its true shape.
+    """
+
+    equation: str
+    kernel_shape: tuple[int, ...]
+    kernel_axes: tuple[str, ...]
+    bias_axes: tuple[str, ...] = ()
+    init_scale: float = 1.0
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param(
+            "kernel",
+            dense_init(self.kernel_axes, self.init_scale),
+            self.kernel_shape,
+            self.param_dtype,
+        )
+        y = jnp.einsum(self.equation, x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.bias_axes:
+            n = len(self.bias_axes)
+            bias_init = logical(nn.initializers.zeros, self.bias_axes)
+            bias = self.param("bias", bias_init, self.kernel_shape[-n:], self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+class GeluMlp(nn.Module):
+    ff_dim: int
+    out_init_scale: float
+    dropout: float = 0.0
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x_BLD: jax.Array) -> jax.Array:
+        d_model = x_BLD.shape[-1]
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        h = EinsumDense(
+            "bld,df->blf",
+            (d_model, self.ff_dim),
+            ("embed", "mlp"),
+            ("mlp",),
+            name="fc_in",
+            **kw,
+        )(x_BLD)
+        h = nn.with_logical_constraint(jax.nn.gelu(h), ("batch", "length", "mlp"))
+        out = EinsumDense(
+            "blf,fd->bld",
+            (self.ff_dim, d_model),
+            ("mlp", "embed"),
+            ("embed",),
+            self.out_init_scale,
+            name="fc_out",
+            **kw,
+        )(h)
+        return nn.Dropout(self.dropout)(out, deterministic=self.deterministic)

@@ -1,0 +1,1 @@
+"""Optimizer, train state, pure steps and the training loop."""

@@ -1,0 +1,229 @@
+"""The training loop: config -> data, mesh, state -> steps, logs and checkpoints.
+
+Everything that can be wrong with the user's input (config, data, tokenizer, mesh
+shape) is checked before the first compile. A run directory holds the resolved
+config, the tokenizer, metrics.jsonl and checkpoints/, and training in an existing
+run directory resumes from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+from jaxlm import checkpoint as ckpt
+from jaxlm import sharding as shd
+from jaxlm.config import Config, to_yaml
+from jaxlm.data.pipeline import eval_batches, make_dataset, split_documents
+from jaxlm.data.sources import read_documents
+from jaxlm.data.tokenizer import cached_tokenizer, load_tokenizer
+from jaxlm.errors import JaxlmError
+from jaxlm.generate import generate
+from jaxlm.models import build_model
+from jaxlm.train.metrics import MetricsWriter, flops_per_token, peak_flops_per_device
+from jaxlm.train.optim import make_optimizer, make_schedule
+from jaxlm.train.state import TrainState, count_params, init_state, state_shardings
+from jaxlm.train.step import jit_steps, make_eval_step, make_train_step
+
+TOKENIZER_FILE = "tokenizer.model"
+
+
+@dataclass
+class TrainResult:
+    state: TrainState
+    config: Config
+    history: list[dict[str, Any]] = field(default_factory=list)
+    sample: str = ""
+
+
+def default_run_dir(config: Config) -> Path:
+    return Path("runs") / config.name
+
+
+def prepare_tokenizer(config: Config, run_dir: Path, train_docs: list[str]):
+    """The run's tokenizer: the run dir's copy, else `tokenizer.path`, else trained."""
+    local = run_dir / TOKENIZER_FILE
+    if not local.is_file():
+        if config.tokenizer.path:
+            source = Path(config.tokenizer.path)
+            load_tokenizer(source)  # fail early on a bad file
+            local.write_bytes(source.read_bytes())
+        else:
+            tok = config.tokenizer
+            cached_tokenizer(train_docs, local, tok.vocab_size, tok.model_type)
+    return load_tokenizer(local)
+
+
+def resolve_vocab(config: Config, tokenizer_size: int) -> Config:
+    if config.model.vocab_size == 0:
+        return config.replace(model={"vocab_size": tokenizer_size})
+    if config.model.vocab_size < tokenizer_size:
+        raise JaxlmError(
+            f"config key 'model.vocab_size': {config.model.vocab_size} is smaller than the "
+            f"tokenizer's {tokenizer_size} pieces"
+        )
+    return config
+
+
+def _global_batch(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+def evaluate(eval_fn, params, batches, sharding) -> float:
+    loss_sum, tokens = 0.0, 0.0
+    for batch in batches:
+        out = jax.device_get(eval_fn(params, _global_batch(batch, sharding)))
+        loss_sum += float(out["loss_sum"])
+        tokens += float(out["tokens"])
+    return loss_sum / max(tokens, 1.0)
+
+
+def train(config: Config, run_dir: str | Path | None = None, progress: bool = True) -> TrainResult:
+    """Train (or resume) `config` in `run_dir`."""
+    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(config)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    t_cfg = config.train
+    n_proc, proc = jax.process_count(), jax.process_index()
+    if t_cfg.batch_size % n_proc:
+        raise JaxlmError(
+            f"config key 'train.batch_size': {t_cfg.batch_size} is not divisible by "
+            f"{n_proc} processes"
+        )
+    local_batch = t_cfg.batch_size // n_proc
+
+    # Data and tokenizer: cheap, and the commonest source of user errors.
+    docs = read_documents(config.data.path, config.data.text_field, config.data.split)
+    train_docs, held_out = split_documents(docs, config.data.eval_fraction)
+    tokenizer = prepare_tokenizer(config, run_dir, train_docs)
+    config = resolve_vocab(config, tokenizer.get_piece_size())
+    (run_dir / "config.yaml").write_text(to_yaml(config))
+
+    # Mesh, model, shardings: all shape checks happen here, before compiling.
+    mesh = shd.make_mesh(config.mesh)
+    rules = shd.logical_rules(config.mesh)
+    data_sharding = shd.batch_sharding(mesh, rules)
+    batch_parts = int(np.prod([mesh.shape[a] for a in data_sharding.spec[0] or ()]))
+    if t_cfg.batch_size % batch_parts:
+        raise JaxlmError(
+            f"config key 'train.batch_size': {t_cfg.batch_size} cannot be split over "
+            f"{batch_parts} devices of mesh axes {data_sharding.spec[0]}"
+        )
+    model = build_model(config.model, deterministic=config.model.dropout == 0.0)
+    eval_model = build_model(config.model, deterministic=True)
+    tx = make_optimizer(config.optim, t_cfg.steps)
+    schedule = make_schedule(config.optim, t_cfg.steps)
+    abstract_state, shardings = state_shardings(model, tx, t_cfg.seq_len, mesh, rules)
+    train_fn, eval_fn = jit_steps(
+        make_train_step(model, tx, schedule),
+        make_eval_step(eval_model),
+        shardings,
+        mesh,
+        rules,
+    )
+
+    train_ds = make_dataset(
+        train_docs,
+        tokenizer,
+        seq_len=t_cfg.seq_len,
+        batch_size=local_batch,
+        seed=config.seed,
+        shuffle=config.data.shuffle,
+        process_index=proc,
+        process_count=n_proc,
+    )
+    data_iter = iter(train_ds)
+    held_out_batches = eval_batches(
+        held_out,
+        tokenizer,
+        seq_len=t_cfg.seq_len,
+        batch_size=local_batch,
+        max_batches=t_cfg.eval_batches,
+        process_index=proc,
+        process_count=n_proc,
+    )
+
+    manager = ckpt.make_manager(run_dir / "checkpoints", config.checkpoint)
+    latest = manager.latest_step()
+    if latest is not None:
+        state = ckpt.restore(manager, latest, abstract_state, data_iter)
+        print(f"resumed from {run_dir / 'checkpoints'} at step {latest}")
+    else:
+        state = init_state(
+            model,
+            tx,
+            t_cfg.seq_len,
+            shardings,
+            jax.random.PRNGKey(config.seed),
+            mesh,
+            rules,
+        )
+    start = int(state.step)
+
+    n_params = count_params(state.params)
+    fpt = flops_per_token(config.model, n_params, t_cfg.seq_len)
+    peak = peak_flops_per_device(t_cfg.peak_tflops) * jax.device_count()
+    writer = MetricsWriter(run_dir / "metrics.jsonl") if proc == 0 else None
+    result = TrainResult(state=state, config=config)
+    tokens_per_step = t_cfg.batch_size * t_cfg.seq_len
+
+    bar = tqdm(
+        total=t_cfg.steps,
+        initial=start,
+        disable=not progress or proc != 0,
+        desc=config.name,
+        unit="step",
+        dynamic_ncols=True,
+    )
+    last_time, last_step = time.perf_counter(), start
+    for step in range(start + 1, t_cfg.steps + 1):
+        batch = _global_batch(next(data_iter), data_sharding)
+        state, metrics = train_fn(state, batch)
+        bar.update(1)
+        is_last = step == t_cfg.steps
+        do_eval = step % t_cfg.eval_every == 0 or is_last
+        if step % t_cfg.log_every == 0 or do_eval:
+            metrics = jax.device_get(metrics)  # the only host sync in the loop
+            now = time.perf_counter()
+            tok_s = tokens_per_step * (step - last_step) / (now - last_time)
+            record = {
+                "step": step,
+                "loss": float(metrics["loss"]),
+                "perplexity": float(np.exp(min(metrics["loss"], 50.0))),
+                "grad_norm": float(metrics["grad_norm"]),
+                "lr": float(metrics["lr"]),
+                "tokens_per_sec": tok_s,
+                "mfu": fpt * tok_s / peak,
+            }
+            if do_eval:
+                eval_loss = evaluate(eval_fn, state.params, held_out_batches, data_sharding)
+                record["eval_loss"] = eval_loss
+                record["eval_perplexity"] = float(np.exp(min(eval_loss, 50.0)))
+            result.history.append(record)
+            if writer:
+                writer.write(record)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tok_s:,.0f}")
+            last_time, last_step = time.perf_counter(), step
+        ckpt.save(manager, step, state, data_iter, force=is_last)
+    bar.close()
+    manager.wait_until_finished()
+    manager.close()
+    result.state = state
+
+    if t_cfg.sample_tokens and proc == 0:
+        prompt = tokenizer.encode(t_cfg.sample_prompt) if t_cfg.sample_prompt else []
+        ids = generate(
+            eval_model,
+            jax.device_get(state.params),
+            prompt,
+            t_cfg.sample_tokens,
+            buffer_len=min(config.model.max_len, max(t_cfg.seq_len, len(prompt) + 1)),
+            seed=config.seed,
+        )
+        result.sample = t_cfg.sample_prompt + tokenizer.decode(ids)
+    return result
