@@ -198,8 +198,15 @@ def load_config(
     for item in overrides:
         if "=" not in item:
             raise JaxlmError(f"override {item!r} is not of the form key=value")
+        key, _, value = item.partition("=")
         try:
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
+            if _field_type(key) == "str":  # keep text such as `ROMEO:` literal, not YAML
+                nested: Any = value.strip("'\"")
+                for part in reversed(key.split(".")):
+                    nested = {part: nested}
+                merged = OmegaConf.merge(merged, OmegaConf.create(nested))
+            else:
+                merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([item]))
         except oc_errors.OmegaConfBaseException as err:
             raise _rephrase(err, f"override {item!r}") from None
     try:

@@ -2,11 +2,13 @@
 
 A fixed-size token buffer is filled left to right inside `lax.fori_loop`; each step
 reruns the model over the buffer (no KV cache yet), which keeps one compiled shape
-for any prompt shorter than the buffer.
+for any prompt shorter than the buffer, so repeated calls never recompile.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -29,6 +31,22 @@ def sample_logits(
     return jax.random.categorical(rng, logits_BV, axis=-1)
 
 
+@functools.cache
+def _sampler(model: nn.Module, temperature: float, top_k: int) -> Callable:
+    @jax.jit
+    def run(params, tokens, start, stop, rng):
+        def body(i, carry):
+            tokens, rng = carry
+            rng, step_rng = jax.random.split(rng)
+            logits = model.apply({"params": params}, tokens)
+            next_token = sample_logits(logits[:, i - 1], step_rng, temperature, top_k)
+            return tokens.at[:, i].set(next_token.astype(tokens.dtype)), rng
+
+        return jax.lax.fori_loop(start, stop, body, (tokens, rng))[0]
+
+    return run
+
+
 def generate(
     model: nn.Module,
     params: Any,
@@ -45,18 +63,7 @@ def generate(
     total = min(buffer_len, len(prompt) + max_new_tokens)
     tokens = np.full((1, buffer_len), PAD_ID, np.int32)
     tokens[0, : len(prompt)] = prompt
-
-    @jax.jit
-    def run(params, tokens, start, stop, rng):
-        def body(i, carry):
-            tokens, rng = carry
-            rng, step_rng = jax.random.split(rng)
-            logits = model.apply({"params": params}, tokens)
-            next_token = sample_logits(logits[:, i - 1], step_rng, temperature, top_k)
-            return tokens.at[:, i].set(next_token.astype(tokens.dtype)), rng
-
-        return jax.lax.fori_loop(start, stop, body, (tokens, rng))[0]
-
+    run = _sampler(model, temperature, top_k)
     out = run(params, jnp.asarray(tokens), len(prompt), total, jax.random.PRNGKey(seed))
     new = [int(t) for t in np.asarray(out)[0, len(prompt) : total]]
     return new[: new.index(EOS_ID)] if EOS_ID in new else new

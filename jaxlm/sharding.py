@@ -74,6 +74,14 @@ def _axes_size(mesh: Mesh, axes: Any) -> int:
     return math.prod(mesh.shape[a] for a in axes)
 
 
+def _path_name(path: tuple[Any, ...]) -> str:
+    parts = []
+    for key in path:
+        name = getattr(key, "key", getattr(key, "name", getattr(key, "idx", key)))
+        parts.append(str(name))
+    return "/".join(parts)
+
+
 def check_divisible(abstract: Any, shardings: Any, what: str = "parameter") -> None:
     """Refuse any array whose dimension is not a multiple of its mesh axes' size."""
     leaves = jax.tree_util.tree_leaves_with_path(nn.meta.unbox(abstract))
@@ -82,7 +90,7 @@ def check_divisible(abstract: Any, shardings: Any, what: str = "parameter") -> N
             parts = _axes_size(sharding.mesh, axes)
             if size % parts:
                 raise JaxlmError(
-                    f"mesh: {what} {jax.tree_util.keystr(path)} dimension {dim} "
+                    f"mesh: {what} {_path_name(path)} dimension {dim} "
                     f"(size {size}) cannot be split over mesh axes {axes} ({parts} devices)"
                 )
 
@@ -90,6 +98,16 @@ def check_divisible(abstract: Any, shardings: Any, what: str = "parameter") -> N
 def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
     """Sharding of (batch, length) token arrays."""
     return NamedSharding(mesh, nn.logical_to_mesh_axes(("batch", "length"), rules))
+
+
+def check_batch(batch_size: int, sharding: NamedSharding) -> None:
+    axes = sharding.spec[0]
+    parts = _axes_size(sharding.mesh, axes)
+    if batch_size % parts:
+        raise JaxlmError(
+            f"config key 'train.batch_size': {batch_size} cannot be split over {parts} "
+            f"devices of mesh axes {axes}"
+        )
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -84,8 +84,39 @@ def evaluate(eval_fn, params, batches, sharding) -> float:
     return loss_sum / max(tokens, 1.0)
 
 
-def train(config: Config, run_dir: str | Path | None = None, progress: bool = True) -> TrainResult:
-    """Train (or resume) `config` in `run_dir`."""
+def sample_text(config: Config, model, params, tokenizer) -> str:
+    """About `train.sample_tokens` tokens: documents generated one after another."""
+    t_cfg = config.train
+    prompt = tokenizer.encode(t_cfg.sample_prompt) if t_cfg.sample_prompt else []
+    buffer_len = min(config.model.max_len, max(t_cfg.seq_len, len(prompt) + 1))
+    pieces, n_tokens = [], 0
+    for i in range(8):  # a document can end early at EOS
+        ids = generate(
+            model,
+            params,
+            prompt,
+            t_cfg.sample_tokens - n_tokens,
+            buffer_len=buffer_len,
+            seed=config.seed + i,
+        )
+        pieces.append(t_cfg.sample_prompt + tokenizer.decode(ids))
+        n_tokens += len(prompt) + len(ids) + 1
+        if n_tokens >= t_cfg.sample_tokens:
+            break
+    return "\n\n".join(pieces)
+
+
+def train(
+    config: Config,
+    run_dir: str | Path | None = None,
+    progress: bool = True,
+    stop_at: int | None = None,
+) -> TrainResult:
+    """Train (or resume) `config` in `run_dir`.
+
+    `stop_at` ends this session early at that step, with a checkpoint, as a
+    preemption would; the schedule still spans `train.steps`.
+    """
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(config)
     run_dir.mkdir(parents=True, exist_ok=True)
     t_cfg = config.train
@@ -97,6 +128,12 @@ def train(config: Config, run_dir: str | Path | None = None, progress: bool = Tr
         )
     local_batch = t_cfg.batch_size // n_proc
 
+    # Mesh first: a shape that can't work fails before any data is read.
+    mesh = shd.make_mesh(config.mesh)
+    rules = shd.logical_rules(config.mesh)
+    data_sharding = shd.batch_sharding(mesh, rules)
+    shd.check_batch(t_cfg.batch_size, data_sharding)
+
     # Data and tokenizer: cheap, and the commonest source of user errors.
     docs = read_documents(config.data.path, config.data.text_field, config.data.split)
     train_docs, held_out = split_documents(docs, config.data.eval_fraction)
@@ -104,16 +141,7 @@ def train(config: Config, run_dir: str | Path | None = None, progress: bool = Tr
     config = resolve_vocab(config, tokenizer.get_piece_size())
     (run_dir / "config.yaml").write_text(to_yaml(config))
 
-    # Mesh, model, shardings: all shape checks happen here, before compiling.
-    mesh = shd.make_mesh(config.mesh)
-    rules = shd.logical_rules(config.mesh)
-    data_sharding = shd.batch_sharding(mesh, rules)
-    batch_parts = int(np.prod([mesh.shape[a] for a in data_sharding.spec[0] or ()]))
-    if t_cfg.batch_size % batch_parts:
-        raise JaxlmError(
-            f"config key 'train.batch_size': {t_cfg.batch_size} cannot be split over "
-            f"{batch_parts} devices of mesh axes {data_sharding.spec[0]}"
-        )
+    # Model and state shardings: every shape is checked here, before compiling.
     model = build_model(config.model, deterministic=config.model.dropout == 0.0)
     eval_model = build_model(config.model, deterministic=True)
     tx = make_optimizer(config.optim, t_cfg.steps)
@@ -181,11 +209,12 @@ def train(config: Config, run_dir: str | Path | None = None, progress: bool = Tr
         dynamic_ncols=True,
     )
     last_time, last_step = time.perf_counter(), start
-    for step in range(start + 1, t_cfg.steps + 1):
+    end = t_cfg.steps if stop_at is None else min(stop_at, t_cfg.steps)
+    for step in range(start + 1, end + 1):
         batch = _global_batch(next(data_iter), data_sharding)
         state, metrics = train_fn(state, batch)
         bar.update(1)
-        is_last = step == t_cfg.steps
+        is_last = step == end
         do_eval = step % t_cfg.eval_every == 0 or is_last
         if step % t_cfg.log_every == 0 or do_eval:
             metrics = jax.device_get(metrics)  # the only host sync in the loop
@@ -215,15 +244,6 @@ def train(config: Config, run_dir: str | Path | None = None, progress: bool = Tr
     manager.close()
     result.state = state
 
-    if t_cfg.sample_tokens and proc == 0:
-        prompt = tokenizer.encode(t_cfg.sample_prompt) if t_cfg.sample_prompt else []
-        ids = generate(
-            eval_model,
-            jax.device_get(state.params),
-            prompt,
-            t_cfg.sample_tokens,
-            buffer_len=min(config.model.max_len, max(t_cfg.seq_len, len(prompt) + 1)),
-            seed=config.seed,
-        )
-        result.sample = t_cfg.sample_prompt + tokenizer.decode(ids)
+    if t_cfg.sample_tokens and proc == 0 and end == t_cfg.steps:
+        result.sample = sample_text(config, eval_model, jax.device_get(state.params), tokenizer)
     return result

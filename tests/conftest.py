@@ -1,0 +1,47 @@
+"""Shared fixtures. XLA_FLAGS must be set before JAX is imported anywhere."""
+
+import os
+import tempfile
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAXLM_CACHE_DIR", tempfile.mkdtemp(prefix="jaxlm-test-cache-"))
+
+from pathlib import Path
+
+import jax
+import pytest
+
+from jaxlm.config import Config, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+CORPUS = REPO / "data" / "tinyshakespeare.txt"
+
+TINY = [
+    f"data.path={CORPUS}",
+    "model.d_model=64",
+    "model.n_layers=2",
+    "model.n_heads=4",
+    "model.max_len=64",
+    "tokenizer.vocab_size=512",
+    "train.batch_size=8",
+    "train.seq_len=64",
+    "train.log_every=1",
+    "train.eval_every=1000",
+    "train.eval_batches=2",
+    "train.sample_tokens=0",
+    "optim.lr=3e-3",
+    "optim.warmup_steps=5",
+    "checkpoint.every=5",
+]
+
+
+def pytest_configure(config):
+    assert jax.device_count() == 8, "tests need 8 emulated devices; JAX was imported too early"
+
+
+@pytest.fixture
+def tiny_config() -> Config:
+    """A model small enough to compile and train in seconds on 2 cores."""
+    return load_config(None, [*TINY, "name=tiny"])
