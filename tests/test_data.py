@@ -5,7 +5,14 @@ import pytest
 
 from jaxlm.data.pipeline import eval_batches, make_dataset, split_documents
 from jaxlm.data.sources import read_documents
-from jaxlm.data.tokenizer import BOS_ID, EOS_ID, cache_dir, cached_tokenizer, load_tokenizer
+from jaxlm.data.tokenizer import (
+    BOS_ID,
+    EOS_ID,
+    cache_dir,
+    cached_tokenizer,
+    corpus_key,
+    load_tokenizer,
+)
 from jaxlm.errors import JaxlmError
 
 from .conftest import CORPUS
@@ -33,12 +40,12 @@ def test_tokenizer_round_trips_text(tokenizer, docs):
         assert tokenizer.decode(tokenizer.encode(doc)) == doc
 
 
-def test_tokenizer_is_cached(docs, tmp_path):
-    cached = list((cache_dir() / "tokenizers").glob("*.model"))
-    stamp = {p: p.stat().st_mtime_ns for p in cached}
+def test_tokenizer_is_cached(tokenizer, docs, tmp_path):
+    cached = cache_dir() / "tokenizers" / f"{corpus_key(docs[:2000], 512, 'bpe')}.model"
+    stamp = cached.stat().st_mtime_ns
     cached_tokenizer(docs[:2000], tmp_path / "again.model", 512, "bpe")
-    assert {p: p.stat().st_mtime_ns for p in cached} == stamp  # nothing retrained
-    assert (tmp_path / "again.model").read_bytes() == cached[0].read_bytes()
+    assert cached.stat().st_mtime_ns == stamp  # reused, not retrained
+    assert (tmp_path / "again.model").read_bytes() == cached.read_bytes()
 
 
 def _dataset(docs, tokenizer, **kw):
