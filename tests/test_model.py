@@ -10,46 +10,61 @@ from jaxlm.config import ModelConfig
 from jaxlm.models import build_model
 from jaxlm.models.attention import attention_bias, dot_product_attention
 
-CFG = ModelConfig(vocab_size=97, d_model=32, n_layers=2, n_heads=4, max_len=32)
+VOCAB = 97
+GPT2 = ModelConfig(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, max_len=32)
+# RMSNorm, SwiGLU, RoPE, 2 kv heads for 4 query heads, no biases, untied output.
+LLAMA = dataclasses.replace(GPT2, family="llama", n_kv_heads=2, d_ff=64)
 
 
-@pytest.fixture(scope="module")
-def model_and_params():
-    model = build_model(CFG)
+@pytest.fixture(scope="module", params=[GPT2, LLAMA], ids=["gpt2", "llama"])
+def model_and_params(request):
+    cfg = request.param
+    model = build_model(cfg)
     variables = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, 16), jnp.int32))
-    return jax.jit(model.apply), nn.meta.unbox(variables)["params"], variables["params"]
+    return cfg, jax.jit(model.apply), nn.meta.unbox(variables)["params"], variables["params"]
 
 
 def _tokens(seed, shape=(2, 16)):
-    return jax.random.randint(jax.random.PRNGKey(seed), shape, 4, CFG.vocab_size)
+    return jax.random.randint(jax.random.PRNGKey(seed), shape, 4, VOCAB)
 
 
 def test_every_param_has_logical_axes(model_and_params):
-    _, _, boxed = model_and_params
+    _, _, _, boxed = model_and_params
     leaves = jax.tree_util.tree_leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
     assert leaves and all(isinstance(x, nn.LogicallyPartitioned) for x in leaves)
     for leaf in leaves:
         assert len(leaf.names) == leaf.value.ndim and all(leaf.names)
 
 
-def test_attention_matches_numpy_reference():
+@pytest.mark.parametrize(
+    "n_heads, kv_heads, window",
+    [(3, 3, 0), (4, 2, 0), (4, 1, 3)],
+    ids=["multi-head", "grouped-query", "multi-query-window3"],
+)
+def test_attention_matches_numpy_reference(n_heads, kv_heads, window):
     rng = np.random.default_rng(0)
-    q, k, v = (rng.standard_normal((2, 6, 3, 4)).astype(np.float32) for _ in range(3))
+    q = rng.standard_normal((2, 6, n_heads, 4)).astype(np.float32)
+    k, v = (rng.standard_normal((2, 6, kv_heads, 4)).astype(np.float32) for _ in range(2))
     seg = np.array([[1, 1, 1, 2, 2, 0], [1, 1, 1, 1, 1, 1]])
-    out = dot_product_attention(q, k, v, attention_bias(jnp.asarray(seg)))
+    out = dot_product_attention(q, k, v, attention_bias(jnp.asarray(seg), window=window))
     expected = np.zeros_like(q)
+    group = n_heads // kv_heads
     for b in range(2):
-        for n in range(3):
+        for n in range(n_heads):
             for i in range(6):
-                keys = [j for j in range(i + 1) if seg[b, j] == seg[b, i]]
-                s = q[b, i, n] @ k[b, keys, n].T / 2.0
+                keys = [
+                    j
+                    for j in range(i + 1)
+                    if seg[b, j] == seg[b, i] and (not window or i - j < window)
+                ]
+                s = q[b, i, n] @ k[b, keys, n // group].T / 2.0
                 p = np.exp(s - s.max())
-                expected[b, i, n] = (p / p.sum()) @ v[b, keys, n]
+                expected[b, i, n] = (p / p.sum()) @ v[b, keys, n // group]
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_causal(model_and_params):
-    apply, params, _ = model_and_params
+    _, apply, params, _ = model_and_params
     a = _tokens(1)
     b = a.at[:, 9:].set(_tokens(2)[:, 9:])
     la, lb = apply({"params": params}, a), apply({"params": params}, b)
@@ -59,7 +74,7 @@ def test_causal(model_and_params):
 
 def test_packed_documents_do_not_see_each_other(model_and_params):
     """Doc B packed after doc A gives the same logits as B alone; changing A doesn't matter."""
-    apply, params, _ = model_and_params
+    _, apply, params, _ = model_and_params
     doc_a, doc_b = _tokens(3, (1, 7)), _tokens(4, (1, 9))
     packed = jnp.concatenate([doc_a, doc_b], axis=1)
     seg = jnp.asarray([[1] * 7 + [2] * 9])
@@ -76,11 +91,11 @@ def test_packed_documents_do_not_see_each_other(model_and_params):
 
 
 def test_scanned_and_unrolled_stacks_agree(model_and_params):
-    apply, params, _ = model_and_params
-    unrolled = build_model(dataclasses.replace(CFG, scan_layers=False))
+    cfg, apply, params, _ = model_and_params
+    unrolled = build_model(dataclasses.replace(cfg, scan_layers=False))
     per_layer = {k: v for k, v in params.items() if k != "layers"} | {
         f"layers_{i}": jax.tree_util.tree_map(lambda x, i=i: x[i], params["layers"])
-        for i in range(CFG.n_layers)
+        for i in range(cfg.n_layers)
     }
     tokens = _tokens(6)
     np.testing.assert_allclose(
@@ -92,17 +107,17 @@ def test_scanned_and_unrolled_stacks_agree(model_and_params):
 
 
 def test_remat_keeps_gradients(model_and_params):
-    _, params, _ = model_and_params
+    cfg, _, params, _ = model_and_params
     tokens = _tokens(7)
 
     def grads(cfg):
         model = build_model(cfg)
         return jax.jit(jax.grad(lambda p: model.apply({"params": p}, tokens).mean()))(params)
 
-    base = grads(CFG)
+    base = grads(cfg)
     for policy in ("full", "dots"):
         jax.tree_util.tree_map(
             lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7),
             base,
-            grads(dataclasses.replace(CFG, remat=policy)),
+            grads(dataclasses.replace(cfg, remat=policy)),
         )

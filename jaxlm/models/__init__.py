@@ -9,9 +9,14 @@ from jaxlm.models.decoder import Decoder, DecoderBlock
 
 __all__ = ["Decoder", "DecoderBlock", "build_model"]
 
+DECODER_FAMILIES = ("gpt2", "llama")
+
 
 def build_model(config: ModelConfig, deterministic: bool = True) -> nn.Module:
-    """The module for `config.family` (only the GPT-2 decoder so far)."""
-    if config.family == "gpt2":
-        return Decoder(config, deterministic=deterministic)
+    """The module for `config.family`, with the family's defaults filled in.
+
+    gpt2 and llama are both the decoder-only `Decoder`; they differ in its fields.
+    """
+    if config.family in DECODER_FAMILIES:
+        return Decoder(config.resolved(), deterministic=deterministic)
     raise ValueError(f"unknown model family {config.family!r}")

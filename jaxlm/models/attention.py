@@ -1,4 +1,5 @@
-"""Multi-head self-attention with causal and document (segment) masking."""
+"""Self-attention: multi-head, grouped-query or multi-query, with causal, document
+(segment) and sliding-window masks and optional rotary positions."""
 
 from __future__ import annotations
 
@@ -7,32 +8,53 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from jaxlm.models.layers import EinsumDense
+from jaxlm.models.rope import apply_rope
 
 
-def attention_bias(segment_ids_BL: jax.Array, causal: bool = True) -> jax.Array:
+def attention_bias(segment_ids_BL: jax.Array, causal: bool = True, window: int = 0) -> jax.Array:
     """Additive fp32 bias (B, 1, L, L): 0 where a query may attend a key, else -inf-ish.
 
-    Tokens attend only within their own segment, so packed documents stay apart. A
-    large finite negative keeps fully padded rows finite instead of NaN.
+    Tokens attend only within their own segment, so packed documents stay apart; with
+    `window` > 0, only to keys fewer than `window` positions away (Mistral's sliding
+    window: a causal query sees itself and the window - 1 tokens before it). A large
+    finite negative keeps fully padded rows finite instead of NaN.
     """
     same = segment_ids_BL[:, :, None] == segment_ids_BL[:, None, :]
+    length = segment_ids_BL.shape[1]
+    query, key = jnp.arange(length)[:, None], jnp.arange(length)[None, :]
     if causal:
-        length = segment_ids_BL.shape[1]
-        same = same & jnp.tril(jnp.ones((length, length), dtype=bool))[None]
+        same = same & (key <= query)[None]
+    if window:
+        same = same & (jnp.abs(query - key) < window)[None]
     return jnp.where(same, 0.0, jnp.finfo(jnp.float32).min)[:, None].astype(jnp.float32)
 
 
 def dot_product_attention(
-    q_BLNH: jax.Array, k_BLNH: jax.Array, v_BLNH: jax.Array, bias_B1LL: jax.Array
+    q_BLNH: jax.Array, k_BLKH: jax.Array, v_BLKH: jax.Array, bias_B1LL: jax.Array
 ) -> jax.Array:
-    """The einsum reference: softmax in fp32 whatever the compute dtype."""
-    scale = q_BLNH.shape[-1] ** -0.5
-    scores = jnp.einsum("bqnh,bknh->bnqk", q_BLNH, k_BLNH).astype(jnp.float32) * scale
-    probs = jax.nn.softmax(scores + bias_B1LL, axis=-1).astype(v_BLNH.dtype)
-    return jnp.einsum("bnqk,bknh->bqnh", probs, v_BLNH)
+    """The einsum reference: softmax in fp32 whatever the compute dtype.
+
+    Query heads are grouped onto the K key/value heads (N // K queries per group,
+    query head n reading kv head n // (N // K)) by a reshape, so K < N costs no copy
+    of the keys.
+    """
+    b, length, n_heads, head_dim = q_BLNH.shape
+    k_heads = k_BLKH.shape[2]
+    q_BLKGH = q_BLNH.reshape(b, length, k_heads, n_heads // k_heads, head_dim)
+    scale = head_dim**-0.5
+    scores = jnp.einsum("bqkgh,bskh->bkgqs", q_BLKGH, k_BLKH).astype(jnp.float32) * scale
+    probs = jax.nn.softmax(scores + bias_B1LL[:, :, None], axis=-1).astype(v_BLKH.dtype)
+    out_BLKGH = jnp.einsum("bkgqs,bskh->bqkgh", probs, v_BLKH)
+    return out_BLKGH.reshape(b, length, n_heads, head_dim)
 
 
 class SelfAttention(nn.Module):
+    """Projections to N query and K key/value heads (K divides N), attention, output.
+
+    `rope_base` > 0 rotates queries and keys by `positions` (RoPE); 0 leaves positions
+    to a learned table added to the embeddings.
+    """
+
     n_heads: int
     head_dim: int
     out_init_scale: float
@@ -40,34 +62,44 @@ class SelfAttention(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     deterministic: bool = True
+    n_kv_heads: int = 0  # 0 = n_heads
+    use_bias: bool = True
+    rope_base: float = 0.0
 
     @nn.compact
-    def __call__(self, x_BLD: jax.Array, bias_B1LL: jax.Array) -> jax.Array:
+    def __call__(
+        self, x_BLD: jax.Array, bias_B1LL: jax.Array, positions_BL: jax.Array | None = None
+    ) -> jax.Array:
         d_model = x_BLD.shape[-1]
-
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        qkv_shape = (d_model, self.n_heads, self.head_dim)
-        qkv_axes = ("embed", "heads", "head_dim")
+        if positions_BL is None:  # one unpacked document per row
+            positions_BL = jnp.broadcast_to(jnp.arange(x_BLD.shape[1]), x_BLD.shape[:2])
 
-        def project(name: str) -> jax.Array:
+        def project(name: str, heads: int, axis: str, rotate: bool) -> jax.Array:
             y = EinsumDense(
                 "bld,dnh->blnh",
-                qkv_shape,
-                qkv_axes,
-                ("heads", "head_dim"),
+                (d_model, heads, self.head_dim),
+                ("embed", axis, "head_dim"),
+                (axis, "head_dim") if self.use_bias else (),
                 name=name,
                 **kw,
             )(x_BLD)
-            return nn.with_logical_constraint(y, ("batch", "length", "heads", "head_dim"))
+            if rotate:
+                y = apply_rope(y, positions_BL, self.rope_base)
+            return nn.with_logical_constraint(y, ("batch", "length", axis, "head_dim"))
 
-        q, k, v = project("query"), project("key"), project("value")
-        out_BLNH = dot_product_attention(q, k, v, bias_B1LL)
+        k_heads = self.n_kv_heads or self.n_heads
+        rope = self.rope_base > 0
+        q_BLNH = project("query", self.n_heads, "heads", rotate=rope)
+        k_BLKH = project("key", k_heads, "kv_heads", rotate=rope)
+        v_BLKH = project("value", k_heads, "kv_heads", rotate=False)
+        out_BLNH = dot_product_attention(q_BLNH, k_BLKH, v_BLKH, bias_B1LL)
         out_BLNH = nn.with_logical_constraint(out_BLNH, ("batch", "length", "heads", "head_dim"))
         out = EinsumDense(
             "blnh,nhd->bld",
             (self.n_heads, self.head_dim, d_model),
             ("heads", "head_dim", "embed"),
-            ("embed",),
+            ("embed",) if self.use_bias else (),
             self.out_init_scale,
             name="out",
             **kw,

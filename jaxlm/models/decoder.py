@@ -1,9 +1,11 @@
-"""A GPT-2-style decoder-only causal LM as plain Flax Linen modules.
+"""The decoder-only causal LM (GPT-2 and Llama/Mistral-style) as plain Flax Linen modules.
 
 It knows nothing of training or data: `init`/`apply` with token ids (and, for
-packed rows, segment ids and positions) give fp32 logits. Layers can be stacked
-with `nn.scan` (one compiled layer, a leading `layers` axis on every block param)
-and wrapped in `nn.remat`.
+packed rows, segment ids and positions) give fp32 logits. The config's fields pick
+the parts (LayerNorm or RMSNorm, GELU or SwiGLU, learned positions or RoPE, grouped
+kv heads, biases, tied output, sliding window); `model.family` only fills in those
+left empty. Layers can be stacked with `nn.scan` (one compiled layer, a leading
+`layers` axis on every block param) and wrapped in `nn.remat`.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from flax import linen as nn
 
 from jaxlm.config import ModelConfig
 from jaxlm.models.attention import SelfAttention, attention_bias
-from jaxlm.models.layers import GeluMlp, layer_norm, logical
+from jaxlm.models.layers import MLPS, logical, make_norm
 
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -23,37 +25,45 @@ REMAT_POLICIES = {
 
 
 class DecoderBlock(nn.Module):
-    """Pre-LayerNorm block; returns `(x, None)` so it can be scanned."""
+    """Pre-norm block; returns `(x, None)` so it can be scanned."""
 
     config: ModelConfig
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x_BLD: jax.Array, bias_B1LL: jax.Array) -> tuple[jax.Array, None]:
-        c = self.config
+    def __call__(
+        self, x_BLD: jax.Array, bias_B1LL: jax.Array, positions_BL: jax.Array
+    ) -> tuple[jax.Array, None]:
+        c = self.config.resolved()
         dtype, param_dtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
         out_scale = (2 * c.n_layers) ** -0.5  # GPT-2's residual-branch init scaling
-        h = layer_norm(c.layer_norm_eps, dtype, param_dtype, "ln_attn")(x_BLD)
+
+        def norm(name: str) -> nn.Module:
+            return make_norm(c.norm, c.layer_norm_eps, c.use_bias, dtype, param_dtype, name)
+
         x_BLD = x_BLD + SelfAttention(
-            c.n_heads,
-            c.head_dim,
-            out_scale,
-            c.dropout,
-            dtype,
-            param_dtype,
-            self.deterministic,
+            n_heads=c.n_heads,
+            head_dim=c.head_dim,
+            out_init_scale=out_scale,
+            dropout=c.dropout,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            deterministic=self.deterministic,
+            n_kv_heads=c.kv_heads,
+            use_bias=c.use_bias,
+            rope_base=c.rope_base if c.position == "rope" else 0.0,
             name="attn",
-        )(h, bias_B1LL)
-        h = layer_norm(c.layer_norm_eps, dtype, param_dtype, "ln_mlp")(x_BLD)
-        x_BLD = x_BLD + GeluMlp(
-            c.ff_dim,
-            out_scale,
-            c.dropout,
-            dtype,
-            param_dtype,
-            self.deterministic,
+        )(norm("ln_attn")(x_BLD), bias_B1LL, positions_BL)
+        x_BLD = x_BLD + MLPS[c.mlp](
+            ff_dim=c.ff_dim,
+            out_init_scale=out_scale,
+            dropout=c.dropout,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            deterministic=self.deterministic,
+            use_bias=c.use_bias,
             name="mlp",
-        )(h)
+        )(norm("ln_mlp")(x_BLD))
         return nn.with_logical_constraint(x_BLD, ("batch", "length", "embed")), None
 
 
@@ -70,7 +80,7 @@ class Decoder(nn.Module):
         segment_ids_BL: jax.Array | None = None,
         positions_BL: jax.Array | None = None,
     ) -> jax.Array:
-        c = self.config
+        c = self.config.resolved()
         dtype, param_dtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
         if segment_ids_BL is None:
             segment_ids_BL = jnp.ones_like(tokens_BL)
@@ -85,18 +95,19 @@ class Decoder(nn.Module):
             param_dtype=param_dtype,
             name="embed",
         )
-        pos_embed = nn.Embed(
-            c.max_len,
-            c.d_model,
-            embedding_init=logical(nn.initializers.normal(0.01), ("max_len", "embed")),
-            dtype=dtype,
-            param_dtype=param_dtype,
-            name="pos_embed",
-        )
-        x = embed(tokens_BL) + pos_embed(positions_BL)
+        x = embed(tokens_BL)
+        if c.position == "learned":
+            x = x + nn.Embed(
+                c.max_len,
+                c.d_model,
+                embedding_init=logical(nn.initializers.normal(0.01), ("max_len", "embed")),
+                dtype=dtype,
+                param_dtype=param_dtype,
+                name="pos_embed",
+            )(positions_BL)
         x = nn.Dropout(c.dropout)(x, deterministic=self.deterministic)
         x = nn.with_logical_constraint(x.astype(dtype), ("batch", "length", "embed"))
-        bias = attention_bias(segment_ids_BL, causal=True)
+        bias = attention_bias(segment_ids_BL, causal=True, window=c.sliding_window)
 
         block = DecoderBlock
         if c.remat != "none":
@@ -106,16 +117,16 @@ class Decoder(nn.Module):
                 block,
                 variable_axes={"params": 0},
                 split_rngs={"params": True, "dropout": True},
-                in_axes=(nn.broadcast,),
+                in_axes=(nn.broadcast, nn.broadcast),
                 length=c.n_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            x, _ = stack(c, self.deterministic, name="layers")(x, bias)
+            x, _ = stack(c, self.deterministic, name="layers")(x, bias, positions_BL)
         else:
             for i in range(c.n_layers):
-                x, _ = block(c, self.deterministic, name=f"layers_{i}")(x, bias)
+                x, _ = block(c, self.deterministic, name=f"layers_{i}")(x, bias, positions_BL)
 
-        x = layer_norm(c.layer_norm_eps, dtype, param_dtype, "ln_final")(x)
+        x = make_norm(c.norm, c.layer_norm_eps, c.use_bias, dtype, param_dtype, "ln_final")(x)
         if c.tie_embeddings:
             logits = embed.attend(x)
         else:

@@ -20,15 +20,38 @@ def dense_init(axes: tuple[str, ...], scale: float = 1.0) -> Initializer:
     return logical(nn.initializers.normal(INIT_STD * scale), axes)
 
 
-def layer_norm(eps: float, dtype: jnp.dtype, param_dtype: jnp.dtype, name: str) -> nn.LayerNorm:
+def layer_norm(
+    eps: float, dtype: jnp.dtype, param_dtype: jnp.dtype, name: str, use_bias: bool = True
+) -> nn.LayerNorm:
     return nn.LayerNorm(
         epsilon=eps,
         dtype=dtype,
         param_dtype=param_dtype,
+        use_bias=use_bias,
         scale_init=logical(nn.initializers.ones, ("embed",)),
         bias_init=logical(nn.initializers.zeros, ("embed",)),
         name=name,
     )
+
+
+def rms_norm(eps: float, dtype: jnp.dtype, param_dtype: jnp.dtype, name: str) -> nn.RMSNorm:
+    """Llama's norm: no centring and no bias; statistics in fp32 whatever the dtype."""
+    return nn.RMSNorm(
+        epsilon=eps,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        scale_init=logical(nn.initializers.ones, ("embed",)),
+        name=name,
+    )
+
+
+def make_norm(
+    kind: str, eps: float, use_bias: bool, dtype: jnp.dtype, param_dtype: jnp.dtype, name: str
+) -> nn.Module:
+    """`kind` is ModelConfig.norm: layernorm or rmsnorm."""
+    if kind == "rmsnorm":
+        return rms_norm(eps, dtype, param_dtype, name)
+    return layer_norm(eps, dtype, param_dtype, name, use_bias)
 
 
 class EinsumDense(nn.Module):
@@ -64,12 +87,15 @@ class EinsumDense(nn.Module):
 
 
 class GeluMlp(nn.Module):
+    """GPT-2's feed-forward: fc_in -> GELU -> fc_out."""
+
     ff_dim: int
     out_init_scale: float
     dropout: float = 0.0
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     deterministic: bool = True
+    use_bias: bool = True
 
     @nn.compact
     def __call__(self, x_BLD: jax.Array) -> jax.Array:
@@ -79,7 +105,7 @@ class GeluMlp(nn.Module):
             "bld,df->blf",
             (d_model, self.ff_dim),
             ("embed", "mlp"),
-            ("mlp",),
+            ("mlp",) if self.use_bias else (),
             name="fc_in",
             **kw,
         )(x_BLD)
@@ -88,9 +114,49 @@ class GeluMlp(nn.Module):
             "blf,fd->bld",
             (self.ff_dim, d_model),
             ("mlp", "embed"),
-            ("embed",),
+            ("embed",) if self.use_bias else (),
             self.out_init_scale,
             name="fc_out",
             **kw,
         )(h)
         return nn.Dropout(self.dropout)(out, deterministic=self.deterministic)
+
+
+class SwiGluMlp(nn.Module):
+    """Llama's feed-forward: down(silu(gate(x)) * up(x)), a gated unit with three matrices."""
+
+    ff_dim: int
+    out_init_scale: float
+    dropout: float = 0.0
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    deterministic: bool = True
+    use_bias: bool = False
+
+    @nn.compact
+    def __call__(self, x_BLD: jax.Array) -> jax.Array:
+        d_model = x_BLD.shape[-1]
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        bias_in = ("mlp",) if self.use_bias else ()
+
+        def project_in(name: str) -> jax.Array:
+            h = EinsumDense(
+                "bld,df->blf", (d_model, self.ff_dim), ("embed", "mlp"), bias_in, name=name, **kw
+            )(x_BLD)
+            return nn.with_logical_constraint(h, ("batch", "length", "mlp"))
+
+        h = jax.nn.silu(project_in("gate")) * project_in("up")
+        h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
+        out = EinsumDense(
+            "blf,fd->bld",
+            (self.ff_dim, d_model),
+            ("mlp", "embed"),
+            ("embed",) if self.use_bias else (),
+            self.out_init_scale,
+            name="down",
+            **kw,
+        )(h)
+        return nn.Dropout(self.dropout)(out, deterministic=self.deterministic)
+
+
+MLPS = {"gelu": GeluMlp, "swiglu": SwiGluMlp}

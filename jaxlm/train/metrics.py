@@ -39,10 +39,18 @@ def peak_flops_per_device(configured_tflops: float = 0.0) -> float:
 
 
 def flops_per_token(config: ModelConfig, n_params: int, seq_len: int) -> float:
-    """Training FLOPs per token: 6 N for the matmuls (forward + backward), N without
-    the position table, plus 12 L d T for attention scores and values (PaLM, App. B)."""
-    matmul_params = n_params - config.max_len * config.d_model
-    return 6.0 * matmul_params + 12.0 * config.n_layers * config.d_model * seq_len
+    """Training FLOPs per token: 6 N for the matmuls (forward + backward) plus 12 L (n_heads
+    head_dim) T for attention scores and values (PaLM, App. B). N leaves out the tables that
+    are only looked up: a learned position table, and the input embedding when untied (tied,
+    it is also the output matmul). T is the attended span: seq_len, or a shorter sliding
+    window. Grouped kv heads and SwiGLU need no term of their own: they change N."""
+    c = config.resolved()
+    lookups = c.max_len * c.d_model if c.position == "learned" else 0
+    if not c.tie_embeddings:
+        lookups += c.vocab_size * c.d_model
+    span = min(seq_len, c.sliding_window or seq_len)
+    attention = 12.0 * c.n_layers * c.n_heads * c.head_dim * span
+    return 6.0 * (n_params - lookups) + attention
 
 
 class MetricsWriter:

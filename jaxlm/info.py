@@ -1,0 +1,103 @@
+"""What a config's model costs, before anything is built: parameters and FLOPs per token.
+
+Shapes come from `jax.eval_shape` of `model.init`, so a 70B preset is counted in well
+under a second with no memory. FLOPs per token use the trainer's formula
+(`jaxlm.train.metrics.flops_per_token`), so `jaxlm info` and the MFU a run logs agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxlm.config import Config, ModelConfig
+from jaxlm.models import build_model
+from jaxlm.train.metrics import flops_per_token
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    model: ModelConfig  # resolved, with the vocab size the trainer would use
+    n_params: int
+    groups: dict[str, int]  # parameters per top-level module (blocks summed as "layers")
+    seq_len: int
+    flops_per_token: float
+
+
+def param_shapes(model_config: ModelConfig) -> Any:
+    """The parameter tree as ShapeDtypeStructs (logical-axis boxes kept), no weights made."""
+    model = build_model(model_config)
+    tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+    return jax.eval_shape(model.init, jax.random.PRNGKey(0), tokens)["params"]
+
+
+def count_params(model_config: ModelConfig) -> int:
+    return sum(int(x.size) for x in jax.tree_util.tree_leaves(param_shapes(model_config)))
+
+
+def _vocab_size(config: Config) -> int:
+    """The size the trainer would use: model.vocab_size, or else the tokenizer's."""
+    if config.model.vocab_size:
+        return config.model.vocab_size
+    if config.tokenizer.path:
+        from jaxlm.data.tokenizer import load_tokenizer
+
+        return load_tokenizer(config.tokenizer.path).get_piece_size()
+    return config.tokenizer.vocab_size
+
+
+def model_info(config: Config) -> ModelInfo:
+    model = dataclasses.replace(config.model.resolved(), vocab_size=_vocab_size(config))
+    groups: dict[str, int] = {}
+    for name, subtree in param_shapes(model).items():
+        group = "layers" if name.startswith("layers") else name
+        size = sum(int(x.size) for x in jax.tree_util.tree_leaves(subtree))
+        groups[group] = groups.get(group, 0) + size
+    n_params = sum(groups.values())
+    seq_len = config.train.seq_len
+    return ModelInfo(model, n_params, groups, seq_len, flops_per_token(model, n_params, seq_len))
+
+
+def _human(n: float) -> str:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(int(n))
+
+
+def describe(m: ModelConfig) -> str:
+    """One line naming every architecture choice, so two presets compare at a glance."""
+    kv = f" ({m.kv_heads} kv)" if m.kv_heads != m.n_heads else ""
+    position = f"rope (base {m.rope_base:g})" if m.position == "rope" else "learned positions"
+    parts = [
+        f"{m.family} decoder: {m.n_layers} layers, d_model {m.d_model}",
+        f"{m.n_heads} heads{kv} of {m.head_dim}",
+        f"{m.mlp} d_ff {m.ff_dim}",
+        f"{m.norm} (eps {m.layer_norm_eps:g})",
+        position,
+        f"vocab {m.vocab_size} ({'tied' if m.tie_embeddings else 'untied'})",
+        f"max_len {m.max_len}",
+        "biases" if m.use_bias else "no biases",
+    ]
+    if m.sliding_window:
+        parts.append(f"sliding window {m.sliding_window}")
+    return ", ".join(parts)
+
+
+def format_info(name: str, info: ModelInfo) -> str:
+    bytes_per_param = jnp.dtype(info.model.param_dtype).itemsize
+    lines = [
+        f"{name}: {describe(info.model)}",
+        f"parameters:      {info.n_params:>17,}  ({_human(info.n_params)})",
+        *(f"  {group + ':':<15}{n:>17,}" for group, n in info.groups.items()),
+        f"parameter bytes: {info.n_params * bytes_per_param / 2**30:>17.2f} GiB "
+        f"({info.model.param_dtype})",
+        f"training FLOPs per token: {info.flops_per_token:,.0f} ({_human(info.flops_per_token)}) "
+        f"at seq_len {info.seq_len}",
+        "  = 6 N + 12 L d_attn T, N without lookup-only tables (PaLM, App. B)",
+    ]
+    return "\n".join(lines)
