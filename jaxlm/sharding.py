@@ -15,6 +15,7 @@ from typing import Any
 import jax
 import numpy as np
 from flax import linen as nn
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from jaxlm.config import MESH_AXES, MeshConfig
@@ -43,20 +44,46 @@ def mesh_shape(config: MeshConfig, n_devices: int) -> dict[str, int]:
     return sizes
 
 
+def check_axes_used(config: MeshConfig, sizes: dict[str, int]) -> None:
+    """Refuse a mesh axis with devices that no rule uses: they would only repeat work."""
+    used = {axis for axes in config.resolved_rules().values() for axis in axes}
+    for axis, size in sizes.items():
+        if size > 1 and axis not in used:
+            raise JaxlmError(
+                f"config key 'mesh.{axis}': {size} devices, but no rule of strategy "
+                f"{config.strategy!r} (with mesh.rules) shards anything over {axis!r}"
+            )
+
+
 def make_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """The mesh over `devices` (default: all, in JAX's topology-aware order)."""
     devices = list(jax.devices() if devices is None else devices)
     sizes = mesh_shape(config, len(devices))
+    check_axes_used(config, sizes)
     shape = tuple(sizes[a] for a in MESH_AXES)
-    if devices == jax.devices():
-        return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(shape))
-    grid = np.asarray(devices).reshape(shape)
-    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(shape))
+    types = (AxisType.Auto,) * len(shape)
+    slices = len({getattr(d, "slice_index", 0) for d in devices})
+    if slices == 1:
+        try:  # places neighbouring mesh coordinates on neighbouring chips
+            return jax.make_mesh(shape, MESH_AXES, axis_types=types, devices=devices)
+        except (ValueError, NotImplementedError):  # a shape the TPU torus can't hold whole
+            return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=types)
+    # Multislice: only `data` crosses the slow links between slices (DCN).
+    if sizes["data"] % slices:
+        raise JaxlmError(
+            f"config key 'mesh.data': {sizes['data']} is not a multiple of the {slices} "
+            "slices; data parallelism is what spans slices"
+        )
+    dcn = (slices,) + (1,) * (len(shape) - 1)
+    ici = (sizes["data"] // slices, *shape[1:])
+    grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
+    return Mesh(grid, MESH_AXES, axis_types=types)
 
 
 def logical_rules(config: MeshConfig) -> Rules:
     """The config's rules as flax expects them: (logical, mesh axes or None)."""
     rules = []
-    for name, axes in config.rules.items():
+    for name, axes in config.resolved_rules().items():
         rules.append((name, tuple(axes) if len(axes) > 1 else (axes[0] if axes else None)))
     return tuple(rules)
 
@@ -100,14 +127,18 @@ def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
     return NamedSharding(mesh, nn.logical_to_mesh_axes(("batch", "length"), rules))
 
 
-def check_batch(batch_size: int, sharding: NamedSharding) -> None:
-    axes = sharding.spec[0]
-    parts = _axes_size(sharding.mesh, axes)
-    if batch_size % parts:
-        raise JaxlmError(
-            f"config key 'train.batch_size': {batch_size} cannot be split over {parts} "
-            f"devices of mesh axes {axes}"
-        )
+def check_batch(batch_size: int, sharding: NamedSharding, seq_len: int | None = None) -> None:
+    """Refuse a global batch (or row length) that its mesh axes don't divide."""
+    dims = [("train.batch_size", batch_size)]
+    if seq_len is not None:
+        dims.append(("train.seq_len", seq_len))
+    for (key, size), axes in zip(dims, sharding.spec, strict=False):
+        parts = _axes_size(sharding.mesh, axes)
+        if size % parts:
+            raise JaxlmError(
+                f"config key '{key}': {size} cannot be split over {parts} "
+                f"devices of mesh axes {axes}"
+            )
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

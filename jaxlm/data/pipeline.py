@@ -46,6 +46,44 @@ def _rename(row: dict[str, np.ndarray]) -> Batch:
     }
 
 
+def owned_streams(num_streams: int, process_index: int, process_count: int) -> list[int]:
+    """The streams a process reads: a contiguous block, so the global batch is in stream
+    order whatever the number of processes."""
+    num_streams = num_streams or process_count
+    if num_streams % process_count:
+        raise JaxlmError(
+            f"config key 'data.streams': {num_streams} streams cannot be shared evenly by "
+            f"{process_count} processes; use a multiple of the process count"
+        )
+    per = num_streams // process_count
+    return list(range(process_index * per, (process_index + 1) * per))
+
+
+def _stream(
+    docs: Sequence[str],
+    tokenizer: spm.SentencePieceProcessor,
+    index: int,
+    num_streams: int,
+    *,
+    seq_len: int,
+    rows: int,
+    seed: int,
+    shuffle: bool,
+    repeat: bool,
+) -> grain.IterDataset:
+    ds = grain.MapDataset.source(list(docs))[index::num_streams]
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    if repeat:
+        ds = ds.repeat(None)
+    ds = ds.map(partial(_tokenize, tokenizer))
+    packed = grain.experimental.ConcatThenSplitIterDataset(
+        ds.to_iter_dataset(),
+        length_struct={"inputs": seq_len, "targets": seq_len},
+    )
+    return packed.map(_rename).batch(rows, drop_remainder=True)
+
+
 def make_dataset(
     docs: Sequence[str],
     tokenizer: spm.SentencePieceProcessor,
@@ -57,23 +95,66 @@ def make_dataset(
     repeat: bool = True,
     process_index: int = 0,
     process_count: int = 1,
+    num_streams: int = 0,
 ) -> grain.IterDataset:
-    """Batches of packed rows for this process: `batch_size` is the per-process size."""
-    if len(docs) < process_count:
+    """Batches of packed rows for this process: `batch_size` is the per-process size.
+
+    The documents are dealt into `num_streams` streams (0 = one per process), each
+    packed on its own; a process reads only the streams it owns and puts their rows
+    side by side. With a fixed number of streams the global batch is the same for any
+    process count, so a run can move between 1 and N hosts.
+    """
+    mine = owned_streams(num_streams, process_index, process_count)
+    num_streams = num_streams or process_count
+    if len(docs) < num_streams:
+        raise JaxlmError(f"data.path: {len(docs)} documents cannot fill {num_streams} streams")
+    if batch_size % len(mine):
         raise JaxlmError(
-            f"data.path: {len(docs)} documents cannot be shared by {process_count} processes"
+            f"config key 'data.streams': a process batch of {batch_size} rows cannot be "
+            f"split over its {len(mine)} streams"
         )
-    ds = grain.MapDataset.source(list(docs))[process_index::process_count]
-    if shuffle:
-        ds = ds.shuffle(seed=seed)
-    if repeat:
-        ds = ds.repeat(None)
-    ds = ds.map(partial(_tokenize, tokenizer))
-    packed = grain.experimental.ConcatThenSplitIterDataset(
-        ds.to_iter_dataset(),
-        length_struct={"inputs": seq_len, "targets": seq_len},
-    )
-    return packed.map(_rename).batch(batch_size, drop_remainder=True)
+    kw = dict(seq_len=seq_len, seed=seed, shuffle=shuffle, repeat=repeat)
+    rows = batch_size // len(mine)
+    streams = [_stream(docs, tokenizer, i, num_streams, rows=rows, **kw) for i in mine]
+    return Streams(streams, mine, num_streams)
+
+
+class Streams(grain.IterDataset):
+    """Batches of this process's streams side by side (row-wise), in stream order."""
+
+    def __init__(
+        self, parents: Sequence[grain.IterDataset], indices: list[int], num_streams: int
+    ) -> None:
+        super().__init__(list(parents))
+        self.indices, self.num_streams = indices, num_streams
+
+    def __iter__(self) -> StreamsIterator:
+        return StreamsIterator([iter(p) for p in self.parents], self.indices, self.num_streams)
+
+
+class StreamsIterator(grain.DatasetIterator):
+    """Its state is kept per stream (see data/checkpointing.py), not per process, so a
+    checkpoint written by N processes resumes in M."""
+
+    def __init__(
+        self, parents: list[grain.DatasetIterator], indices: list[int], num_streams: int
+    ) -> None:
+        super().__init__(parents)
+        self.indices, self.num_streams = indices, num_streams
+
+    def __next__(self) -> Batch:
+        parts = [next(p) for p in self._parents]
+        if len(parts) == 1:
+            return parts[0]
+        return {k: np.concatenate([part[k] for part in parts]) for k in parts[0]}
+
+    def get_state(self) -> dict:
+        pairs = zip(self.indices, self._parents, strict=True)
+        return {"streams": {str(i): p.get_state() for i, p in pairs}}
+
+    def set_state(self, state: dict) -> None:
+        for i, p in zip(self.indices, self._parents, strict=True):
+            p.set_state(state["streams"][str(i)])
 
 
 def eval_batches(
@@ -85,6 +166,7 @@ def eval_batches(
     max_batches: int,
     process_index: int = 0,
     process_count: int = 1,
+    num_streams: int = 0,
 ) -> list[Batch]:
     """A fixed list of eval batches: the same every time, so losses are comparable."""
     ds = make_dataset(
@@ -97,6 +179,7 @@ def eval_batches(
         repeat=False,
         process_index=process_index,
         process_count=process_count,
+        num_streams=num_streams,
     )
     batches = []
     for batch in ds:
