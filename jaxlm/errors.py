@@ -15,3 +15,7 @@ class ConfigError(JaxlmError):
     def __init__(self, key: str, message: str) -> None:
         self.key = key
         super().__init__(f"config key '{key}': {message}")
+
+
+class NonFiniteLoss(JaxlmError):
+    """The run stopped because a step's loss or gradients were NaN or infinite."""

@@ -24,6 +24,7 @@ class TrainState(struct.PyTreeNode):
     params: Any
     opt_state: Any
     rng: jax.Array
+    nonfinite: jax.Array  # steps whose loss or gradients were NaN/inf
 
 
 def _init_fn(model: nn.Module, tx: optax.GradientTransformation, seq_len: int):
@@ -36,6 +37,7 @@ def _init_fn(model: nn.Module, tx: optax.GradientTransformation, seq_len: int):
             params=params,
             opt_state=tx.init(params),
             rng=state_rng,
+            nonfinite=jnp.zeros((), jnp.int32),
         )
 
     return init

@@ -33,8 +33,19 @@ def token_loss(model: nn.Module, params: Any, batch: Batch, rng: jax.Array | Non
 
 
 def make_train_step(
-    model: nn.Module, tx: optax.GradientTransformation, schedule: optax.Schedule
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    nonfinite: str = "skip",
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+    """The pure step. A non-finite loss or gradient never reaches the state:
+
+    - "skip": that update is dropped (params and optimizer unchanged), the step
+      counter moves on and `nonfinite` counts it;
+    - "stop": the state freezes at the last good step from then on, for the loop to
+      save and stop at its next check (no host sync per step is needed).
+    """
+
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         rng = jax.random.fold_in(state.rng, state.step)
 
@@ -43,15 +54,29 @@ def make_train_step(
             return total / jnp.maximum(n_tokens, 1.0), n_tokens
 
         (loss, n_tokens), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        grad_norm = optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        apply = finite if nonfinite == "skip" else finite & (state.nonfinite == 0)
+
+        def keep(new, old):
+            return jax.tree_util.tree_map(lambda n, o: jnp.where(apply, n, o), new, old)
+
+        advance = 1 if nonfinite == "skip" else apply.astype(jnp.int32)
+        new_state = state.replace(
+            step=state.step + advance,
+            params=keep(params, state.params),
+            opt_state=keep(opt_state, state.opt_state),
+            nonfinite=state.nonfinite + (~finite).astype(jnp.int32),
+        )
         metrics = {
             "loss": loss,
-            "grad_norm": optax.tree.norm(grads),
+            "grad_norm": grad_norm,
             "lr": schedule(state.step),
             "tokens": n_tokens,
+            "nonfinite_steps": new_state.nonfinite,
         }
-        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, metrics
 
     return train_step

@@ -1,0 +1,33 @@
+"""Fault injection for the reliability tests, driven by environment variables.
+
+Real subprocess tests need real faults at exact steps: a batch that makes the loss
+non-finite, or a process killed while a checkpoint is being written. Unset, these
+cost one environment lookup per step.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import numpy as np
+
+POISON_ENV = "JAXLM_FAULT_POISON_STEPS"  # e.g. "5,6": those batches give NaN
+KILL_ENV = "JAXLM_FAULT_KILL_DURING_SAVE"  # a step: SIGKILL right after its save starts
+
+
+def _steps(name: str) -> frozenset[int]:
+    value = os.environ.get(name, "")
+    return frozenset(int(s) for s in value.split(",") if s.strip())
+
+
+def maybe_poison(step: int, batch: dict[str, np.ndarray], vocab_size: int) -> dict:
+    """A corrupt batch: token ids past the vocabulary embed as NaN (jnp.take fills)."""
+    if step not in _steps(POISON_ENV):
+        return batch
+    return {**batch, "inputs": np.full_like(batch["inputs"], vocab_size + 7)}
+
+
+def maybe_kill_during_save(step: int) -> None:
+    if step in _steps(KILL_ENV):
+        os.kill(os.getpid(), signal.SIGKILL)

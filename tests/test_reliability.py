@@ -1,0 +1,204 @@
+"""Preemption, crashes, corrupt checkpoints and NaNs, driven through real `jaxlm train`
+subprocesses, compared with uninterrupted runs of the same seed."""
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from jaxlm.train.faults import KILL_ENV, POISON_ENV
+from jaxlm.train.preemption import PREEMPTED_EXIT_CODE
+
+from .conftest import REPO, TINY
+
+ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+
+
+def command(run_dir: Path, *overrides: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "jaxlm.cli",
+        "train",
+        "configs/shakespeare.yaml",
+        *TINY,
+        *overrides,
+        "--run-dir",
+        str(run_dir),
+        "--no-progress",
+    ]
+
+
+def jaxlm_train(run_dir: Path, *overrides: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        command(run_dir, *overrides),
+        cwd=REPO,
+        env={**ENV, **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r["loss"] for r in map(json.loads, lines)}
+
+
+def saved_state(run_dir: Path, step: int) -> dict:
+    return ocp.StandardCheckpointer().restore(run_dir / "checkpoints" / str(step) / "state")
+
+
+def assert_same_params(a: dict, b: dict) -> None:
+    jax.tree_util.tree_map(np.testing.assert_array_equal, a["params"], b["params"])
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted 120-step run that the interrupted ones must reproduce."""
+    run_dir = tmp_path_factory.mktemp("reference")
+    out = jaxlm_train(run_dir, "train.steps=120")
+    assert out.returncode == 0, out.stderr
+    return run_dir
+
+
+def test_sigterm_saves_and_resumes_exactly(reference, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        command(run_dir, "train.steps=120", "checkpoint.every=1000"),
+        cwd=REPO,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 5:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == PREEMPTED_EXIT_CODE, stderr
+    step = max(losses(run_dir))
+    assert 5 <= step < 120
+    assert f"preempted at step {step}: checkpoint saved to {run_dir}/checkpoints/{step}" in stderr
+    assert (run_dir / "checkpoints" / str(step) / "jaxlm_manifest.json").is_file()
+
+    resumed = jaxlm_train(run_dir, "train.steps=120", "checkpoint.every=1000")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from {run_dir}/checkpoints/{step}" in resumed.stdout
+    assert losses(run_dir) == losses(reference)  # every step, bit for bit
+    assert_same_params(saved_state(run_dir, 120), saved_state(reference, 120))
+
+
+def test_kill_during_checkpoint_write_is_ignored(reference, tmp_path):
+    run_dir = tmp_path / "run"
+    killed = jaxlm_train(run_dir, "train.steps=120", **{KILL_ENV: "10"})
+    assert killed.returncode == -signal.SIGKILL
+    partial = [p.name for p in (run_dir / "checkpoints").iterdir() if "tmp" in p.name]
+    assert partial and partial[0].startswith("10.")  # the save that never finished
+
+    resumed = jaxlm_train(run_dir, "train.steps=120")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"skipping incomplete checkpoint {partial[0]}" in resumed.stdout
+    assert f"resumed from {run_dir}/checkpoints/5" in resumed.stdout
+    assert_same_params(saved_state(run_dir, 120), saved_state(reference, 120))
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("pristine") / "run"
+    out = jaxlm_train(run_dir, "train.steps=10")
+    assert out.returncode == 0, out.stderr
+    return run_dir
+
+
+@pytest.fixture
+def two_checkpoints(pristine, tmp_path):
+    """A run with checkpoints at steps 5 and 10, and its largest parameter file."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(pristine, run_dir)
+    files = sorted(
+        (p for p in (run_dir / "checkpoints" / "10" / "state").rglob("*") if p.is_file()),
+        key=lambda p: p.stat().st_size,
+    )
+    return run_dir, files[-1]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "alter"])
+def test_corrupt_checkpoint_is_named_and_fallback_resumes(two_checkpoints, damage):
+    run_dir, victim = two_checkpoints
+    data = victim.read_bytes()
+    if damage == "truncate":
+        victim.write_bytes(data[: len(data) // 2])
+        problem = f"truncated or resized ({len(data) // 2} of {len(data)} bytes)"
+    else:
+        victim.write_bytes(data[:100] + bytes([data[100] ^ 0xFF]) + data[101:])
+        problem = "contents altered (SHA-256 mismatch)"
+
+    out = jaxlm_train(run_dir, "train.steps=12")
+    assert out.returncode == 2
+    assert f"checkpoint step 10 is corrupt: {victim}: {problem}" in out.stderr
+    assert "set checkpoint.fallback=true" in out.stderr and "Traceback" not in out.stderr
+
+    out = jaxlm_train(run_dir, "train.steps=12", "checkpoint.fallback=true")
+    assert out.returncode == 0, out.stderr
+    assert "skipping checkpoint step 10: checkpoint step 10 is corrupt" in out.stdout
+    assert f"resumed from {run_dir}/checkpoints/5" in out.stdout
+
+
+def test_resume_refuses_another_model(two_checkpoints):
+    run_dir, _ = two_checkpoints
+    out = jaxlm_train(run_dir, "train.steps=12", "model.d_model=32")
+    assert out.returncode == 2
+    assert (
+        f"{run_dir} holds checkpoints of another model: model.d_model is 64 there, 32 here"
+        in out.stderr
+    )
+
+
+def test_nonfinite_skip_drops_the_update_and_goes_on(tmp_path):
+    run_dir = tmp_path / "run"
+    out = jaxlm_train(
+        run_dir, "train.steps=8", "checkpoint.every=1", "checkpoint.keep=10", **{POISON_ENV: "3"}
+    )
+    assert out.returncode == 0, out.stderr
+    records = {
+        r["step"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+    }
+    assert math.isnan(records[3]["loss"])
+    assert all(math.isfinite(records[s]["loss"]) for s in (1, 2, 4, 5, 6, 7, 8))
+    assert [records[s]["nonfinite_steps"] for s in (2, 3, 8)] == [0, 1, 1]
+    before, after = saved_state(run_dir, 2), saved_state(run_dir, 3)
+    assert_same_params(before, after)  # the poisoned step changed nothing
+    jax.tree_util.tree_map(np.testing.assert_array_equal, before["opt_state"], after["opt_state"])
+    assert int(after["step"]) == 3 and int(after["nonfinite"]) == 1
+
+
+def test_nonfinite_stop_saves_last_good_state(tmp_path):
+    run_dir = tmp_path / "run"
+    out = jaxlm_train(
+        run_dir, "train.steps=20", "train.nonfinite=stop", "train.log_every=5", **{POISON_ENV: "3"}
+    )
+    assert out.returncode == 3
+    assert (
+        "non-finite loss or gradients at step 3 (train.nonfinite=stop); "
+        f"the last good state is in {run_dir}/checkpoints/2" in out.stderr
+    )
+    saved = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
+    assert 2 in saved and max(saved) == 2
+    for step in saved:  # never a checkpoint with NaN in it
+        state = saved_state(run_dir, step)
+        assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(state["params"]))
