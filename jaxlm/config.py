@@ -21,32 +21,83 @@ from jaxlm.errors import ConfigError, JaxlmError
 DTYPES = ("float32", "bfloat16", "float16")
 
 
+# What `model.family` puts in the architecture fields a config leaves empty ("" or null),
+# so `model.family=llama` alone turns a GPT-2 preset into a Llama-style one.
+FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "gpt2": {
+        "norm": "layernorm",
+        "mlp": "gelu",
+        "position": "learned",
+        "use_bias": True,
+        "tie_embeddings": True,
+    },
+    "llama": {
+        "norm": "rmsnorm",
+        "mlp": "swiglu",
+        "position": "rope",
+        "use_bias": False,
+        "tie_embeddings": False,
+    },
+}
+MODEL_CHOICES = {
+    "norm": ("layernorm", "rmsnorm"),
+    "mlp": ("gelu", "swiglu"),
+    "position": ("learned", "rope"),
+}
+SWIGLU_MULTIPLE = 256  # Llama rounds its SwiGLU width up to this
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    """Architecture. `vocab_size` left at 0 takes the tokenizer's size."""
+    """Architecture. `vocab_size` left at 0 takes the tokenizer's size.
+
+    `family` (gpt2 | llama, both decoder-only) fills the fields left empty; see
+    FAMILY_DEFAULTS. `resolved()` gives the filled-in copy that models use.
+    """
 
     family: str = "gpt2"
     vocab_size: int = 0
     d_model: int = 256
     n_layers: int = 4
     n_heads: int = 4
-    d_ff: int = 0  # 0 = 4 * d_model
+    n_kv_heads: int = 0  # 0 = n_heads; fewer = grouped-query, 1 = multi-query
+    d_ff: int = 0  # 0 = 4 * d_model (gelu), Llama's 8/3 * d_model rounded up (swiglu)
     max_len: int = 1024
     dropout: float = 0.0
-    layer_norm_eps: float = 1e-5
-    tie_embeddings: bool = True
+    layer_norm_eps: float = 1e-5  # of LayerNorm or RMSNorm
+    norm: str = ""  # layernorm | rmsnorm
+    mlp: str = ""  # gelu | swiglu
+    position: str = ""  # learned (a table of max_len) | rope (from the packed positions)
+    rope_base: float = 10000.0
+    use_bias: bool | None = None  # in projections and LayerNorm
+    tie_embeddings: bool | None = None
+    sliding_window: int = 0  # attend to at most this many latest tokens; 0 = all
     dtype: str = "float32"  # compute
     param_dtype: str = "float32"
     scan_layers: bool = True
     remat: str = "none"  # none | full | dots
 
+    def resolved(self) -> ModelConfig:
+        """This config with the family's defaults in the empty fields (idempotent)."""
+        defaults = FAMILY_DEFAULTS.get(self.family, {})
+        empty = {k: v for k, v in defaults.items() if getattr(self, k) in ("", None)}
+        return dataclasses.replace(self, **empty) if empty else self
+
     @property
     def ff_dim(self) -> int:
-        return self.d_ff or 4 * self.d_model
+        if self.d_ff:
+            return self.d_ff
+        if self.resolved().mlp == "swiglu":
+            return -(-(8 * self.d_model // 3) // SWIGLU_MULTIPLE) * SWIGLU_MULTIPLE
+        return 4 * self.d_model
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
 
 
 @dataclass(frozen=True)
@@ -65,6 +116,10 @@ class DataConfig:
     split: str = "paragraph"  # how .txt files become documents: paragraph | line | file
     eval_fraction: float = 0.1  # the last documents, held out
     shuffle: bool = True
+    # Documents are dealt into this many independently packed streams, shared out among
+    # the processes (0 = one per process). Fixed, it makes the global batch, and the
+    # checkpointed data position, the same for any number of hosts.
+    streams: int = 0
 
 
 @dataclass(frozen=True)
@@ -78,6 +133,7 @@ class TrainConfig:
     peak_tflops: float = 0.0  # per device, for MFU; 0 = look up the device kind
     sample_tokens: int = 200  # generated at the end of training; 0 = none
     sample_prompt: str = ""
+    nonfinite: str = "skip"  # a NaN/inf loss or gradient: skip the update, or stop
 
 
 @dataclass(frozen=True)
@@ -97,34 +153,78 @@ class CheckpointConfig:
     every: int = 100
     keep: int = 3
     async_save: bool = True
+    fallback: bool = False  # resume from an older checkpoint when the newest is corrupt
 
 
-def _default_rules() -> dict[str, list[str]]:
-    # Precedence is the order here; a mesh axis is used at most once per array.
-    return {
+MESH_AXES = ("data", "fsdp", "tensor", "sequence")
+
+# One logical-rules table per parallelism strategy; `mesh.rules` overrides single names.
+# Order is precedence, and flax uses a mesh axis at most once per array, so `embed -> fsdp`
+# shards parameters but not activations whose batch already took `fsdp`.
+MESH_STRATEGIES: dict[str, dict[str, list[str]]] = {
+    "data": {"batch": ["data"]},
+    "fsdp": {"batch": ["data", "fsdp"], "embed": ["fsdp"]},
+    "fsdp_tensor": {
         "batch": ["data", "fsdp"],
         "vocab": ["tensor"],
         "heads": ["tensor"],
+        "kv_heads": ["tensor"],
         "mlp": ["tensor"],
         "embed": ["fsdp"],
-        "length": [],
-        "head_dim": [],
-        "layers": [],
-        "max_len": [],
-    }
-
-
-MESH_AXES = ("data", "fsdp", "tensor")
+    },
+    "fsdp_tensor_sequence": {
+        "batch": ["data", "fsdp"],
+        "length": ["sequence"],
+        "vocab": ["tensor"],
+        "heads": ["tensor"],
+        "kv_heads": ["tensor"],
+        "mlp": ["tensor"],
+        "embed": ["fsdp"],
+    },
+}
+# Names that every strategy lists (unsharded when it doesn't map them), see shared/DESIGN.md.
+_LOGICAL_NAMES = ("batch", "length", "vocab", "heads", "kv_heads", "mlp", "embed", "head_dim")
+_LOGICAL_NAMES += ("layers", "max_len")
 
 
 @dataclass(frozen=True)
 class MeshConfig:
-    """Device counts per mesh axis (-1 = the devices left) and logical rules."""
+    """Device counts per mesh axis (-1 = the devices left) and the logical rules.
+
+    `strategy` picks a rules table from MESH_STRATEGIES; `rules` replaces single
+    entries of it (e.g. `mesh.rules.length=[]`), so a strategy is configuration.
+    """
 
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
-    rules: dict[str, list[str]] = field(default_factory=_default_rules)
+    sequence: int = 1
+    strategy: str = "fsdp_tensor_sequence"
+    rules: dict[str, list[str]] = field(default_factory=dict)
+
+    def resolved_rules(self) -> dict[str, list[str]]:
+        """The strategy's table with `rules` applied; unnamed axes stay unsharded."""
+        table = {name: list(axes) for name, axes in MESH_STRATEGIES[self.strategy].items()}
+        for name in _LOGICAL_NAMES:
+            table.setdefault(name, [])
+        table.update({name: list(axes) for name, axes in self.rules.items()})
+        return table
+
+
+@dataclass(frozen=True)
+class DistributedConfig:
+    """Multi-process JAX (`jax.distributed.initialize`), see jaxlm/distributed.py.
+
+    `auto` initialises when the environment says this is one of several processes (a
+    TPU pod slice, a GKE JobSet, SLURM, or JAXLM_* variables); the fields, or the
+    JAXLM_COORDINATOR / JAXLM_NUM_PROCESSES / JAXLM_PROCESS_ID variables, name the
+    coordinator explicitly, e.g. for several processes on one machine.
+    """
+
+    mode: str = "auto"  # auto | on | off
+    coordinator: str = ""  # host:port of process 0
+    num_processes: int = 0
+    process_id: int = -1
 
 
 @dataclass(frozen=True)
@@ -138,6 +238,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def replace(self, **sections: Any) -> Config:
         """Copy with some fields changed, e.g. `cfg.replace(train={'steps': 5})`."""
@@ -188,7 +289,10 @@ def load_config(
         try:
             loaded = OmegaConf.load(path)
         except Exception as err:  # yaml errors come in several types
-            raise JaxlmError(f"config file {path} is not valid YAML: {err}") from None
+            mark = getattr(err, "problem_mark", None)
+            where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise JaxlmError(f"config file {path} is not valid YAML{where}: {problem}") from None
         if "name" not in loaded:
             loaded["name"] = path.stem
         try:
@@ -225,23 +329,50 @@ def _check(ok: bool, key: str, message: str) -> None:
         raise ConfigError(key, message)
 
 
-def validate(c: Config) -> Config:
-    """Range and consistency checks that the dataclass types can't express."""
-    m, t, o = c.model, c.train, c.optim
-    _check(m.family == "gpt2", "model.family", f"unknown family {m.family!r}; known: gpt2")
+def validate_model(m: ModelConfig) -> ModelConfig:
+    """The model's checks, on the copy with the family's defaults filled in."""
+    families = ", ".join(FAMILY_DEFAULTS)
+    _check(
+        m.family in FAMILY_DEFAULTS,
+        "model.family",
+        f"unknown family {m.family!r}; known: {families}",
+    )
+    m = m.resolved()
     for key in ("d_model", "n_layers", "n_heads", "max_len"):
         _check(getattr(m, key) > 0, f"model.{key}", "must be positive")
     _check(m.vocab_size >= 0, "model.vocab_size", "must be >= 0 (0 = tokenizer's size)")
-    _check(m.d_ff >= 0, "model.d_ff", "must be >= 0 (0 = 4 * d_model)")
+    _check(m.d_ff >= 0, "model.d_ff", "must be >= 0 (0 = the family's width)")
     _check(
         m.d_model % m.n_heads == 0,
         "model.n_heads",
         f"d_model {m.d_model} is not divisible by n_heads {m.n_heads}",
     )
+    _check(m.n_kv_heads >= 0, "model.n_kv_heads", "must be >= 0 (0 = n_heads)")
+    _check(
+        m.n_heads % m.kv_heads == 0,
+        "model.n_kv_heads",
+        f"n_heads {m.n_heads} is not a multiple of n_kv_heads {m.kv_heads}",
+    )
+    for key, choices in MODEL_CHOICES.items():
+        _check(getattr(m, key) in choices, f"model.{key}", f"must be {' or '.join(choices)}")
+    if m.position == "rope":
+        _check(
+            m.head_dim % 2 == 0, "model.n_heads", f"RoPE needs an even head_dim, not {m.head_dim}"
+        )
+        _check(m.rope_base > 1.0, "model.rope_base", "must be > 1")
+    _check(m.sliding_window >= 0, "model.sliding_window", "must be >= 0 (0 = off)")
+    _check(m.layer_norm_eps > 0, "model.layer_norm_eps", "must be positive")
     _check(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)")
     _check(m.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}")
     _check(m.param_dtype in DTYPES, "model.param_dtype", f"must be one of {DTYPES}")
     _check(m.remat in ("none", "full", "dots"), "model.remat", "must be none, full or dots")
+    return m
+
+
+def validate(c: Config) -> Config:
+    """Range and consistency checks that the dataclass types can't express."""
+    c = dataclasses.replace(c, model=validate_model(c.model))
+    m, t, o = c.model, c.train, c.optim
     tok = c.tokenizer
     _check(tok.vocab_size >= 16, "tokenizer.vocab_size", "must be at least 16")
     _check(
@@ -276,6 +407,7 @@ def validate(c: Config) -> Config:
         f"{t.seq_len} exceeds model.max_len {m.max_len}",
     )
     _check(t.sample_tokens >= 0, "train.sample_tokens", "must be >= 0")
+    _check(t.nonfinite in ("skip", "stop"), "train.nonfinite", "must be skip or stop")
     _check(t.peak_tflops >= 0, "train.peak_tflops", "must be >= 0")
     _check(o.lr > 0 and math.isfinite(o.lr), "optim.lr", "must be a positive number")
     _check(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
@@ -292,6 +424,21 @@ def validate(c: Config) -> Config:
         [getattr(c.mesh, a) for a in MESH_AXES].count(-1) <= 1,
         "mesh",
         "at most one axis may be -1",
+    )
+    _check(c.data.streams >= 0, "data.streams", "must be >= 0 (0 = one per process)")
+    d = c.distributed
+    _check(d.mode in ("auto", "on", "off"), "distributed.mode", "must be auto, on or off")
+    _check(d.num_processes >= 0, "distributed.num_processes", "must be >= 0")
+    _check(d.process_id >= -1, "distributed.process_id", "must be >= 0 (or -1: from the env)")
+    _check(
+        d.num_processes == 0 or d.process_id < d.num_processes,
+        "distributed.process_id",
+        f"{d.process_id} is not below distributed.num_processes {d.num_processes}",
+    )
+    _check(
+        c.mesh.strategy in MESH_STRATEGIES,
+        "mesh.strategy",
+        f"unknown strategy {c.mesh.strategy!r}; known: {', '.join(MESH_STRATEGIES)}",
     )
     for name, axes in c.mesh.rules.items():
         for axis in axes:

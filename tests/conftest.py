@@ -7,6 +7,9 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAXLM_CACHE_DIR", tempfile.mkdtemp(prefix="jaxlm-test-cache-"))
+# Tests run on emulated CPU devices; with libtpu installed (the test extra has it for
+# `jaxlm compile`) JAX would otherwise probe for a TPU in every process.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from pathlib import Path
 

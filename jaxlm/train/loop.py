@@ -8,6 +8,7 @@ run directory resumes from its latest checkpoint.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,19 +16,22 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from jaxlm import checkpoint as ckpt
 from jaxlm import sharding as shd
-from jaxlm.config import Config, to_yaml
+from jaxlm.config import Config, load_config, to_yaml
 from jaxlm.data.pipeline import eval_batches, make_dataset, split_documents
 from jaxlm.data.sources import read_documents
 from jaxlm.data.tokenizer import cached_tokenizer, load_tokenizer
-from jaxlm.errors import JaxlmError
+from jaxlm.errors import JaxlmError, NonFiniteLoss
 from jaxlm.generate import generate
 from jaxlm.models import build_model
+from jaxlm.train import faults
 from jaxlm.train.metrics import MetricsWriter, flops_per_token, peak_flops_per_device
 from jaxlm.train.optim import make_optimizer, make_schedule
+from jaxlm.train.preemption import Preempted, PreemptionGuard
 from jaxlm.train.state import TrainState, count_params, init_state, state_shardings
 from jaxlm.train.step import jit_steps, make_eval_step, make_train_step
 
@@ -47,9 +51,13 @@ def default_run_dir(config: Config) -> Path:
 
 
 def prepare_tokenizer(config: Config, run_dir: Path, train_docs: list[str]):
-    """The run's tokenizer: the run dir's copy, else `tokenizer.path`, else trained."""
+    """The run's tokenizer: the run dir's copy, else `tokenizer.path`, else trained.
+
+    Process 0 writes it and the others wait, so hosts sharing a run directory never
+    race on the file or end up with different tokenizers.
+    """
     local = run_dir / TOKENIZER_FILE
-    if not local.is_file():
+    if jax.process_index() == 0 and not local.is_file():
         if config.tokenizer.path:
             source = Path(config.tokenizer.path)
             load_tokenizer(source)  # fail early on a bad file
@@ -57,6 +65,8 @@ def prepare_tokenizer(config: Config, run_dir: Path, train_docs: list[str]):
         else:
             tok = config.tokenizer
             cached_tokenizer(train_docs, local, tok.vocab_size, tok.model_type)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("jaxlm: tokenizer written")
     return load_tokenizer(local)
 
 
@@ -71,6 +81,26 @@ def resolve_vocab(config: Config, tokenizer_size: int) -> Config:
     return config
 
 
+def check_resumable(run_dir: Path, config: Config) -> None:
+    """Refuse to resume checkpoints of a different model or tokenizer (the mesh may change)."""
+    saved = run_dir / "config.yaml"
+    if not saved.is_file() or not any((run_dir / "checkpoints").glob("[0-9]*")):
+        return
+    old = load_config(saved)
+    diffs = [
+        f"{section}.{f.name} is {getattr(getattr(old, section), f.name)!r} there, "
+        f"{getattr(getattr(config, section), f.name)!r} here"
+        for section in ("model", "tokenizer")
+        for f in dataclasses.fields(getattr(config, section))
+        if getattr(getattr(old, section), f.name) != getattr(getattr(config, section), f.name)
+    ]
+    if diffs:
+        raise JaxlmError(
+            f"{run_dir} holds checkpoints of another model: {'; '.join(diffs[:3])}. "
+            "Use another --run-dir, or the config saved there"
+        )
+
+
 def _global_batch(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
@@ -82,6 +112,17 @@ def evaluate(eval_fn, params, batches, sharding) -> float:
         loss_sum += float(out["loss_sum"])
         tokens += float(out["tokens"])
     return loss_sum / max(tokens, 1.0)
+
+
+def _stop_on_nonfinite(checkpointer: ckpt.Checkpointer, state: TrainState, data_iter) -> None:
+    """Save the frozen last good state (train.nonfinite=stop) and end the run."""
+    good = int(state.step)
+    checkpointer.save(good, state, data_iter, force=True)
+    checkpointer.close()
+    raise NonFiniteLoss(
+        f"non-finite loss or gradients at step {good + 1} (train.nonfinite=stop); "
+        f"the last good state is in {checkpointer.step_dir(good)}"
+    )
 
 
 def sample_text(config: Config, model, params, tokenizer) -> str:
@@ -132,13 +173,14 @@ def train(
     mesh = shd.make_mesh(config.mesh)
     rules = shd.logical_rules(config.mesh)
     data_sharding = shd.batch_sharding(mesh, rules)
-    shd.check_batch(t_cfg.batch_size, data_sharding)
+    shd.check_batch(t_cfg.batch_size, data_sharding, t_cfg.seq_len)
 
     # Data and tokenizer: cheap, and the commonest source of user errors.
     docs = read_documents(config.data.path, config.data.text_field, config.data.split)
     train_docs, held_out = split_documents(docs, config.data.eval_fraction)
     tokenizer = prepare_tokenizer(config, run_dir, train_docs)
     config = resolve_vocab(config, tokenizer.get_piece_size())
+    check_resumable(run_dir, config)
     (run_dir / "config.yaml").write_text(to_yaml(config))
 
     # Model and state shardings: every shape is checked here, before compiling.
@@ -148,7 +190,7 @@ def train(
     schedule = make_schedule(config.optim, t_cfg.steps)
     abstract_state, shardings = state_shardings(model, tx, t_cfg.seq_len, mesh, rules)
     train_fn, eval_fn = jit_steps(
-        make_train_step(model, tx, schedule),
+        make_train_step(model, tx, schedule, t_cfg.nonfinite),
         make_eval_step(eval_model),
         shardings,
         mesh,
@@ -164,6 +206,7 @@ def train(
         shuffle=config.data.shuffle,
         process_index=proc,
         process_count=n_proc,
+        num_streams=config.data.streams,
     )
     data_iter = iter(train_ds)
     held_out_batches = eval_batches(
@@ -174,13 +217,13 @@ def train(
         max_batches=t_cfg.eval_batches,
         process_index=proc,
         process_count=n_proc,
+        num_streams=config.data.streams,
     )
 
-    manager = ckpt.make_manager(run_dir / "checkpoints", config.checkpoint)
-    latest = manager.latest_step()
-    if latest is not None:
-        state = ckpt.restore(manager, latest, abstract_state, data_iter)
-        print(f"resumed from {run_dir / 'checkpoints'} at step {latest}")
+    checkpointer = ckpt.Checkpointer(run_dir / "checkpoints", config.checkpoint)
+    state = checkpointer.restore_latest(abstract_state, data_iter, config.checkpoint.fallback)
+    if state is not None:
+        print(f"resumed from {checkpointer.step_dir(int(state.step))}")
     else:
         state = init_state(
             model,
@@ -210,38 +253,52 @@ def train(
     )
     last_time, last_step = time.perf_counter(), start
     end = t_cfg.steps if stop_at is None else min(stop_at, t_cfg.steps)
-    for step in range(start + 1, end + 1):
-        batch = _global_batch(next(data_iter), data_sharding)
-        state, metrics = train_fn(state, batch)
-        bar.update(1)
-        is_last = step == end
-        do_eval = step % t_cfg.eval_every == 0 or is_last
-        if step % t_cfg.log_every == 0 or do_eval:
-            metrics = jax.device_get(metrics)  # the only host sync in the loop
-            now = time.perf_counter()
-            tok_s = tokens_per_step * (step - last_step) / (now - last_time)
-            record = {
-                "step": step,
-                "loss": float(metrics["loss"]),
-                "perplexity": float(np.exp(min(metrics["loss"], 50.0))),
-                "grad_norm": float(metrics["grad_norm"]),
-                "lr": float(metrics["lr"]),
-                "tokens_per_sec": tok_s,
-                "mfu": fpt * tok_s / peak,
-            }
-            if do_eval:
-                eval_loss = evaluate(eval_fn, state.params, held_out_batches, data_sharding)
-                record["eval_loss"] = eval_loss
-                record["eval_perplexity"] = float(np.exp(min(eval_loss, 50.0)))
-            result.history.append(record)
-            if writer:
-                writer.write(record)
-            bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tok_s:,.0f}")
-            last_time, last_step = time.perf_counter(), step
-        ckpt.save(manager, step, state, data_iter, force=is_last)
+    guard = PreemptionGuard(enabled=n_proc == 1)  # multi-host: JAX's preemption service
+    with guard:
+        for step in range(start + 1, end + 1):
+            local = faults.maybe_poison(step, next(data_iter), config.model.vocab_size)
+            state, metrics = train_fn(state, _global_batch(local, data_sharding))
+            bar.update(1)
+            is_last = step == end
+            preempted = guard.requested or checkpointer.manager.reached_preemption(step)
+            do_eval = step % t_cfg.eval_every == 0 or is_last
+            do_save = step % config.checkpoint.every == 0 or is_last or preempted
+            do_log = step % t_cfg.log_every == 0 or do_eval
+            if do_log or (do_save and t_cfg.nonfinite == "stop"):
+                metrics = jax.device_get(metrics)  # the only host sync in the loop
+                if t_cfg.nonfinite == "stop" and metrics["nonfinite_steps"] > 0:
+                    _stop_on_nonfinite(checkpointer, state, data_iter)
+            if do_log:
+                now = time.perf_counter()
+                tok_s = tokens_per_step * (step - last_step) / (now - last_time)
+                record = {
+                    "step": step,
+                    "loss": float(metrics["loss"]),
+                    "perplexity": float(np.exp(min(metrics["loss"], 50.0))),
+                    "grad_norm": float(metrics["grad_norm"]),
+                    "lr": float(metrics["lr"]),
+                    "tokens_per_sec": tok_s,
+                    "mfu": fpt * tok_s / peak,
+                    "nonfinite_steps": int(metrics["nonfinite_steps"]),
+                }
+                if do_eval:
+                    eval_loss = evaluate(eval_fn, state.params, held_out_batches, data_sharding)
+                    record["eval_loss"] = eval_loss
+                    record["eval_perplexity"] = float(np.exp(min(eval_loss, 50.0)))
+                result.history.append(record)
+                if writer:
+                    writer.write(record)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tok_s:,.0f}")
+                last_time, last_step = time.perf_counter(), step
+            checkpointer.save(step, state, data_iter, force=is_last or preempted)
+            faults.maybe_kill_during_save(step)
+            checkpointer.poll()
+            if preempted:
+                bar.close()
+                checkpointer.close()
+                raise Preempted(step, str(checkpointer.step_dir(step)))
     bar.close()
-    manager.wait_until_finished()
-    manager.close()
+    checkpointer.close()
     result.state = state
 
     if t_cfg.sample_tokens and proc == 0 and end == t_cfg.steps:
