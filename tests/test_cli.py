@@ -69,6 +69,7 @@ def bad_inputs(tmp_path):
     (tmp_path / "bad.yaml").write_text("train:\n  stesp: 3\n")
     (tmp_path / "broken.yaml").write_text("train: [unclosed\n")
     (tmp_path / "junk.model").write_text("not a model")
+    (tmp_path / "short.txt").write_text("To be, or not to be.\n\nThat is the question.\n\nAy.\n")
     return tmp_path
 
 
@@ -113,6 +114,11 @@ CASES = [
         "tokenizer file {tmp}/junk.model is not a sentencepiece model",
     ),
     (["tokenizer.path={tmp}/none.model"], "tokenizer file not found: {tmp}/none.model"),
+    (
+        ["data.path={tmp}/short.txt"],
+        "data.path: the training split has at most 45 tokens, fewer than one batch of 8 x 64; "
+        "add text or lower train.batch_size/train.seq_len",
+    ),
     (
         ["{tmp}/bad.yaml"],
         "config key 'train.stesp': unknown key (from {tmp}/bad.yaml)",

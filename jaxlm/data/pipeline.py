@@ -32,6 +32,20 @@ def split_documents(docs: Sequence[str], eval_fraction: float) -> tuple[list[str
     return list(docs[:-n_eval]), list(docs[-n_eval:])
 
 
+def check_enough_text(docs: Sequence[str], batch_size: int, seq_len: int) -> None:
+    """Refuse a training split that cannot fill a single batch.
+
+    A token covers at least one character, plus BOS/EOS per document, so this bound
+    needs no tokenizer and fails before one is trained.
+    """
+    most_tokens = sum(len(d) for d in docs) + 2 * len(docs)
+    if most_tokens < batch_size * seq_len:
+        raise JaxlmError(
+            f"data.path: the training split has at most {most_tokens} tokens, fewer than one "
+            f"batch of {batch_size} x {seq_len}; add text or lower train.batch_size/train.seq_len"
+        )
+
+
 def _tokenize(tokenizer: spm.SentencePieceProcessor, text: str) -> dict[str, np.ndarray]:
     ids = np.asarray([BOS_ID, *tokenizer.encode(text), EOS_ID], dtype=np.int32)
     return {"inputs": ids[:-1], "targets": ids[1:]}

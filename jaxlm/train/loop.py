@@ -22,7 +22,12 @@ from tqdm import tqdm
 from jaxlm import checkpoint as ckpt
 from jaxlm import sharding as shd
 from jaxlm.config import Config, load_config, to_yaml
-from jaxlm.data.pipeline import eval_batches, make_dataset, split_documents
+from jaxlm.data.pipeline import (
+    check_enough_text,
+    eval_batches,
+    make_dataset,
+    split_documents,
+)
 from jaxlm.data.sources import read_documents
 from jaxlm.data.tokenizer import cached_tokenizer, load_tokenizer
 from jaxlm.errors import JaxlmError, NonFiniteLoss
@@ -178,6 +183,7 @@ def train(
     # Data and tokenizer: cheap, and the commonest source of user errors.
     docs = read_documents(config.data.path, config.data.text_field, config.data.split)
     train_docs, held_out = split_documents(docs, config.data.eval_fraction)
+    check_enough_text(train_docs, t_cfg.batch_size, t_cfg.seq_len)
     tokenizer = prepare_tokenizer(config, run_dir, train_docs)
     config = resolve_vocab(config, tokenizer.get_piece_size())
     check_resumable(run_dir, config)
