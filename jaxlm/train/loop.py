@@ -110,6 +110,25 @@ def _global_batch(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
 
 
+def _perplexity(loss: float) -> float:
+    return float(np.exp(min(loss, 50.0)))  # capped: an early loss can overflow exp
+
+
+def step_record(step: int, metrics: dict, tokens_per_sec: float, mfu: float) -> dict[str, Any]:
+    """One line of metrics.jsonl from a step's (host) metrics."""
+    loss = float(metrics["loss"])
+    return {
+        "step": step,
+        "loss": loss,
+        "perplexity": _perplexity(loss),
+        "grad_norm": float(metrics["grad_norm"]),
+        "lr": float(metrics["lr"]),
+        "tokens_per_sec": tokens_per_sec,
+        "mfu": mfu,
+        "nonfinite_steps": int(metrics["nonfinite_steps"]),
+    }
+
+
 def evaluate(eval_fn, params, batches, sharding) -> float:
     loss_sum, tokens = 0.0, 0.0
     for batch in batches:
@@ -277,20 +296,10 @@ def train(
             if do_log:
                 now = time.perf_counter()
                 tok_s = tokens_per_step * (step - last_step) / (now - last_time)
-                record = {
-                    "step": step,
-                    "loss": float(metrics["loss"]),
-                    "perplexity": float(np.exp(min(metrics["loss"], 50.0))),
-                    "grad_norm": float(metrics["grad_norm"]),
-                    "lr": float(metrics["lr"]),
-                    "tokens_per_sec": tok_s,
-                    "mfu": fpt * tok_s / peak,
-                    "nonfinite_steps": int(metrics["nonfinite_steps"]),
-                }
+                record = step_record(step, metrics, tok_s, fpt * tok_s / peak)
                 if do_eval:
                     eval_loss = evaluate(eval_fn, state.params, held_out_batches, data_sharding)
-                    record["eval_loss"] = eval_loss
-                    record["eval_perplexity"] = float(np.exp(min(eval_loss, 50.0)))
+                    record |= {"eval_loss": eval_loss, "eval_perplexity": _perplexity(eval_loss)}
                 result.history.append(record)
                 if writer:
                     writer.write(record)
