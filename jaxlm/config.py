@@ -43,6 +43,7 @@ MODEL_CHOICES = {
     "norm": ("layernorm", "rmsnorm"),
     "mlp": ("gelu", "swiglu"),
     "position": ("learned", "rope"),
+    "attention": ("einsum", "dot_product", "flash", "splash"),
 }
 SWIGLU_MULTIPLE = 256  # Llama rounds its SwiGLU width up to this
 
@@ -76,6 +77,9 @@ class ModelConfig:
     param_dtype: str = "float32"
     scan_layers: bool = True
     remat: str = "none"  # none | full | dots
+    # einsum (reference) | dot_product (jax.nn) | flash | splash (Pallas TPU kernels,
+    # interpreted off TPU; seq_len a multiple of 128)
+    attention: str = "einsum"
 
     def resolved(self) -> ModelConfig:
         """This config with the family's defaults in the empty fields (idempotent)."""
@@ -361,6 +365,18 @@ def validate_model(m: ModelConfig) -> ModelConfig:
         )
         _check(m.rope_base > 1.0, "model.rope_base", "must be > 1")
     _check(m.sliding_window >= 0, "model.sliding_window", "must be >= 0 (0 = off)")
+    if m.attention in ("flash", "splash"):  # kernel limits; seq_len is checked when traced
+        _check(
+            m.attention != "flash" or m.sliding_window == 0,
+            "model.sliding_window",
+            "model.attention=flash has no sliding window; use splash, einsum or dot_product",
+        )
+        _check(
+            m.head_dim <= 128 or m.head_dim % 128 == 0,
+            "model.n_heads",
+            f"model.attention={m.attention} needs head_dim <= 128 or a multiple of 128, "
+            f"not {m.head_dim}",
+        )
     _check(m.layer_norm_eps > 0, "model.layer_norm_eps", "must be positive")
     _check(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)")
     _check(m.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}")

@@ -1,5 +1,11 @@
 """Self-attention: multi-head, grouped-query or multi-query, with causal, document
-(segment) and sliding-window masks and optional rotary positions."""
+(segment) and sliding-window masks and optional rotary positions.
+
+`ModelConfig.attention` picks how the scores are computed: `einsum` (the reference
+below), `dot_product` (`jax.nn.dot_product_attention`, which lets XLA pick a fused
+kernel), `flash` or `splash` (the Pallas TPU kernels, see kernels.py). All give the same
+numbers.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +13,17 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from jaxlm.models.kernels import flash_attention, splash_attention
 from jaxlm.models.layers import EinsumDense
 from jaxlm.models.rope import apply_rope
+
+# The implementations that take the additive (B, 1, L, L) bias; the others build their
+# masks from segment ids themselves, so the decoder skips the L x L bias for them.
+BIAS_ATTENTION = ("einsum", "dot_product")
+
+
+def uses_bias(attention: str) -> bool:
+    return attention in BIAS_ATTENTION
 
 
 def attention_bias(segment_ids_BL: jax.Array, causal: bool = True, window: int = 0) -> jax.Array:
@@ -48,6 +63,19 @@ def dot_product_attention(
     return out_BLKGH.reshape(b, length, n_heads, head_dim)
 
 
+def xla_dot_product_attention(
+    q_BLNH: jax.Array, k_BLKH: jax.Array, v_BLKH: jax.Array, bias_B1LL: jax.Array
+) -> jax.Array:
+    """`jax.nn.dot_product_attention` with the reference's bias and scale.
+
+    It groups query heads onto kv heads itself (same n // (N // K) order) and keeps the
+    softmax in fp32, so it matches the reference while leaving fusion to XLA.
+    """
+    return jax.nn.dot_product_attention(
+        q_BLNH, k_BLKH, v_BLKH, bias=bias_B1LL, implementation="xla"
+    )
+
+
 class SelfAttention(nn.Module):
     """Projections to N query and K key/value heads (K divides N), attention, output.
 
@@ -65,11 +93,19 @@ class SelfAttention(nn.Module):
     n_kv_heads: int = 0  # 0 = n_heads
     use_bias: bool = True
     rope_base: float = 0.0
+    attention: str = "einsum"  # einsum | dot_product | flash | splash
+    sliding_window: int = 0  # for splash, which masks by itself; the others get it in the bias
 
     @nn.compact
     def __call__(
-        self, x_BLD: jax.Array, bias_B1LL: jax.Array, positions_BL: jax.Array | None = None
+        self,
+        x_BLD: jax.Array,
+        bias_B1LL: jax.Array | None,
+        positions_BL: jax.Array | None = None,
+        segment_ids_BL: jax.Array | None = None,
     ) -> jax.Array:
+        """`bias_B1LL` (from `attention_bias`) for einsum and dot_product; the kernels
+        read `segment_ids_BL` instead (None = one document per row), always causal."""
         d_model = x_BLD.shape[-1]
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         if positions_BL is None:  # one unpacked document per row
@@ -93,7 +129,16 @@ class SelfAttention(nn.Module):
         q_BLNH = project("query", self.n_heads, "heads", rotate=rope)
         k_BLKH = project("key", k_heads, "kv_heads", rotate=rope)
         v_BLKH = project("value", k_heads, "kv_heads", rotate=False)
-        out_BLNH = dot_product_attention(q_BLNH, k_BLKH, v_BLKH, bias_B1LL)
+        if segment_ids_BL is None:
+            segment_ids_BL = jnp.ones(x_BLD.shape[:2], jnp.int32)
+        if self.attention == "flash":
+            out_BLNH = flash_attention(q_BLNH, k_BLKH, v_BLKH, segment_ids_BL)
+        elif self.attention == "splash":
+            out_BLNH = splash_attention(q_BLNH, k_BLKH, v_BLKH, segment_ids_BL, self.sliding_window)
+        elif self.attention == "dot_product":
+            out_BLNH = xla_dot_product_attention(q_BLNH, k_BLKH, v_BLKH, bias_B1LL)
+        else:
+            out_BLNH = dot_product_attention(q_BLNH, k_BLKH, v_BLKH, bias_B1LL)
         out_BLNH = nn.with_logical_constraint(out_BLNH, ("batch", "length", "heads", "head_dim"))
         out = EinsumDense(
             "blnh,nhd->bld",

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from jaxlm.config import ModelConfig
-from jaxlm.models.attention import SelfAttention, attention_bias
+from jaxlm.models.attention import SelfAttention, attention_bias, uses_bias
 from jaxlm.models.layers import MLPS, logical, make_norm
 
 REMAT_POLICIES = {
@@ -32,7 +32,11 @@ class DecoderBlock(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x_BLD: jax.Array, bias_B1LL: jax.Array, positions_BL: jax.Array
+        self,
+        x_BLD: jax.Array,
+        bias_B1LL: jax.Array | None,
+        positions_BL: jax.Array,
+        segment_ids_BL: jax.Array,
     ) -> tuple[jax.Array, None]:
         c = self.config.resolved()
         dtype, param_dtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
@@ -52,8 +56,10 @@ class DecoderBlock(nn.Module):
             n_kv_heads=c.kv_heads,
             use_bias=c.use_bias,
             rope_base=c.rope_base if c.position == "rope" else 0.0,
+            attention=c.attention,
+            sliding_window=c.sliding_window,
             name="attn",
-        )(norm("ln_attn")(x_BLD), bias_B1LL, positions_BL)
+        )(norm("ln_attn")(x_BLD), bias_B1LL, positions_BL, segment_ids_BL)
         x_BLD = x_BLD + MLPS[c.mlp](
             ff_dim=c.ff_dim,
             out_init_scale=out_scale,
@@ -107,7 +113,9 @@ class Decoder(nn.Module):
             )(positions_BL)
         x = nn.Dropout(c.dropout)(x, deterministic=self.deterministic)
         x = nn.with_logical_constraint(x.astype(dtype), ("batch", "length", "embed"))
-        bias = attention_bias(segment_ids_BL, causal=True, window=c.sliding_window)
+        bias = None  # kernels that mask from segment ids skip the (B, 1, L, L) bias
+        if uses_bias(c.attention):
+            bias = attention_bias(segment_ids_BL, causal=True, window=c.sliding_window)
 
         block = DecoderBlock
         if c.remat != "none":
@@ -117,14 +125,18 @@ class Decoder(nn.Module):
                 block,
                 variable_axes={"params": 0},
                 split_rngs={"params": True, "dropout": True},
-                in_axes=(nn.broadcast, nn.broadcast),
+                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
                 length=c.n_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            x, _ = stack(c, self.deterministic, name="layers")(x, bias, positions_BL)
+            x, _ = stack(c, self.deterministic, name="layers")(
+                x, bias, positions_BL, segment_ids_BL
+            )
         else:
             for i in range(c.n_layers):
-                x, _ = block(c, self.deterministic, name=f"layers_{i}")(x, bias, positions_BL)
+                x, _ = block(c, self.deterministic, name=f"layers_{i}")(
+                    x, bias, positions_BL, segment_ids_BL
+                )
 
         x = make_norm(c.norm, c.layer_norm_eps, c.use_bias, dtype, param_dtype, "ln_final")(x)
         if c.tie_embeddings:
