@@ -38,11 +38,27 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
         "use_bias": False,
         "tie_embeddings": False,
     },
+    # Encoder-decoder (models/encdec.py); the trainer doesn't train it yet.
+    "t5": {
+        "norm": "rmsnorm",
+        "mlp": "relu",
+        "position": "relative",
+        "use_bias": False,
+        "tie_embeddings": True,
+    },
+    # BERT encoder (models/encoder.py): post-LN, exact GELU; the trainer doesn't train it yet.
+    "bert": {
+        "norm": "layernorm",
+        "mlp": "gelu",
+        "position": "learned",
+        "use_bias": True,
+        "tie_embeddings": True,
+    },
 }
 MODEL_CHOICES = {
     "norm": ("layernorm", "rmsnorm"),
-    "mlp": ("gelu", "swiglu"),
-    "position": ("learned", "rope"),
+    "mlp": ("gelu", "swiglu", "relu"),
+    "position": ("learned", "rope", "relative"),
     "attention": ("einsum", "dot_product", "flash", "splash"),
 }
 SWIGLU_MULTIPLE = 256  # Llama rounds its SwiGLU width up to this
@@ -80,6 +96,12 @@ class ModelConfig:
     # einsum (reference) | dot_product (jax.nn) | flash | splash (Pallas TPU kernels,
     # interpreted off TPU; seq_len a multiple of 128)
     attention: str = "einsum"
+    # Encoder-decoder (t5) only: decoder depth (0 = n_layers; n_layers is the encoder's)
+    # and T5's bucketed relative position bias.
+    n_decoder_layers: int = 0
+    relative_buckets: int = 32
+    relative_max_distance: int = 128
+    type_vocab_size: int = 2  # bert only: token-type (segment A/B) embedding rows
 
     def resolved(self) -> ModelConfig:
         """This config with the family's defaults in the empty fields (idempotent)."""
@@ -189,6 +211,8 @@ MESH_STRATEGIES: dict[str, dict[str, list[str]]] = {
 # Names that every strategy lists (unsharded when it doesn't map them), see shared/DESIGN.md.
 _LOGICAL_NAMES = ("batch", "length", "vocab", "heads", "kv_heads", "mlp", "embed", "head_dim")
 _LOGICAL_NAMES += ("layers", "max_len")
+_LOGICAL_NAMES += ("relpos_buckets",)  # T5's relative-bias table rows, never sharded
+_LOGICAL_NAMES += ("type_vocab", "classes")  # BERT's token-type rows, NSP classes: unsharded
 
 
 @dataclass(frozen=True)
@@ -382,7 +406,49 @@ def validate_model(m: ModelConfig) -> ModelConfig:
     _check(m.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}")
     _check(m.param_dtype in DTYPES, "model.param_dtype", f"must be one of {DTYPES}")
     _check(m.remat in ("none", "full", "dots"), "model.remat", "must be none, full or dots")
+    _check(
+        (m.position == "relative") == (m.family == "t5"),
+        "model.position",
+        "relative (bucketed bias) is the t5 family's, and t5 has no other",
+    )
+    if m.family == "t5":
+        _check(m.n_decoder_layers >= 0, "model.n_decoder_layers", "must be >= 0 (0 = n_layers)")
+        _check(m.relative_buckets >= 4, "model.relative_buckets", "must be at least 4")
+        _check(
+            m.relative_max_distance > m.relative_buckets // 2,
+            "model.relative_max_distance",
+            f"must exceed relative_buckets // 2 = {m.relative_buckets // 2} (the exact range)",
+        )
+        _check(
+            m.attention in ("einsum", "dot_product"),
+            "model.attention",
+            "t5 needs einsum or dot_product (its relative bias is an additive bias)",
+        )
+    if m.family == "bert":
+        _check(m.type_vocab_size > 0, "model.type_vocab_size", "must be positive")
+        _check(
+            m.attention in ("einsum", "dot_product"),
+            "model.attention",
+            "bert needs einsum or dot_product (the kernels are causal only)",
+        )
+        for key, want in (("norm", "layernorm"), ("mlp", "gelu"), ("position", "learned")):
+            _check(getattr(m, key) == want, f"model.{key}", f"bert supports only {want}")
+        _check(m.tie_embeddings, "model.tie_embeddings", "bert's MLM head is tied")
     return m
+
+
+def check_trainable(c: Config) -> None:
+    """What `jaxlm train` can't do yet, refused before any data or compile work."""
+    _check(
+        c.model.family != "t5",
+        "model.family",
+        "model.family t5: training the seq2seq objective is not implemented yet",
+    )
+    _check(
+        c.model.family != "bert",
+        "model.family",
+        "model.family bert: training the MLM/NSP objective is not implemented yet",
+    )
 
 
 def validate(c: Config) -> Config:

@@ -73,8 +73,16 @@ def describe(m: ModelConfig) -> str:
     """One line naming every architecture choice, so two presets compare at a glance."""
     kv = f" ({m.kv_heads} kv)" if m.kv_heads != m.n_heads else ""
     position = f"rope (base {m.rope_base:g})" if m.position == "rope" else "learned positions"
+    stack = f"decoder: {m.n_layers} layers"
+    if m.position == "relative":  # t5: an encoder-decoder with T5's bucketed bias
+        stack = f"encoder-decoder: {m.n_layers}+{m.n_decoder_layers or m.n_layers} layers"
+        position = (
+            f"relative bias ({m.relative_buckets} buckets, max distance {m.relative_max_distance})"
+        )
+    if m.family == "bert":  # bidirectional, post-LN, with MLM + NSP heads
+        stack = f"encoder: {m.n_layers} layers"
     parts = [
-        f"{m.family} decoder: {m.n_layers} layers, d_model {m.d_model}",
+        f"{m.family} {stack}, d_model {m.d_model}",
         f"{m.n_heads} heads{kv} of {m.head_dim}",
         f"{m.mlp} d_ff {m.ff_dim}",
         f"{m.norm} (eps {m.layer_norm_eps:g})",

@@ -45,18 +45,24 @@ def attention_bias(segment_ids_BL: jax.Array, causal: bool = True, window: int =
 
 
 def dot_product_attention(
-    q_BLNH: jax.Array, k_BLKH: jax.Array, v_BLKH: jax.Array, bias_B1LL: jax.Array
+    q_BLNH: jax.Array,
+    k_BLKH: jax.Array,
+    v_BLKH: jax.Array,
+    bias_B1LL: jax.Array,
+    scale: float | None = None,
 ) -> jax.Array:
     """The einsum reference: softmax in fp32 whatever the compute dtype.
 
     Query heads are grouped onto the K key/value heads (N // K queries per group,
     query head n reading kv head n // (N // K)) by a reshape, so K < N costs no copy
-    of the keys.
+    of the keys. Keys may be longer or shorter than queries (cross-attention), and the
+    bias may be per head, (B, N, Lq, Lk), when K == N (T5's relative position bias).
+    `scale` None is 1/sqrt(head_dim); T5 passes 1.0 (it folds the scale into init).
     """
     b, length, n_heads, head_dim = q_BLNH.shape
     k_heads = k_BLKH.shape[2]
     q_BLKGH = q_BLNH.reshape(b, length, k_heads, n_heads // k_heads, head_dim)
-    scale = head_dim**-0.5
+    scale = head_dim**-0.5 if scale is None else scale
     scores = jnp.einsum("bqkgh,bskh->bkgqs", q_BLKGH, k_BLKH).astype(jnp.float32) * scale
     probs = jax.nn.softmax(scores + bias_B1LL[:, :, None], axis=-1).astype(v_BLKH.dtype)
     out_BLKGH = jnp.einsum("bkgqs,bskh->bqkgh", probs, v_BLKH)
@@ -64,7 +70,11 @@ def dot_product_attention(
 
 
 def xla_dot_product_attention(
-    q_BLNH: jax.Array, k_BLKH: jax.Array, v_BLKH: jax.Array, bias_B1LL: jax.Array
+    q_BLNH: jax.Array,
+    k_BLKH: jax.Array,
+    v_BLKH: jax.Array,
+    bias_B1LL: jax.Array,
+    scale: float | None = None,
 ) -> jax.Array:
     """`jax.nn.dot_product_attention` with the reference's bias and scale.
 
@@ -72,7 +82,7 @@ def xla_dot_product_attention(
     softmax in fp32, so it matches the reference while leaving fusion to XLA.
     """
     return jax.nn.dot_product_attention(
-        q_BLNH, k_BLKH, v_BLKH, bias=bias_B1LL, implementation="xla"
+        q_BLNH, k_BLKH, v_BLKH, bias=bias_B1LL, scale=scale, implementation="xla"
     )
 
 
@@ -95,6 +105,8 @@ class SelfAttention(nn.Module):
     rope_base: float = 0.0
     attention: str = "einsum"  # einsum | dot_product | flash | splash
     sliding_window: int = 0  # for splash, which masks by itself; the others get it in the bias
+    scale: float | None = None  # of the scores; None = 1/sqrt(head_dim), T5 uses 1.0
+    query_init_scale: float = 1.0  # T5 folds the 1/sqrt(head_dim) into the query's init
 
     @nn.compact
     def __call__(
@@ -103,23 +115,29 @@ class SelfAttention(nn.Module):
         bias_B1LL: jax.Array | None,
         positions_BL: jax.Array | None = None,
         segment_ids_BL: jax.Array | None = None,
+        kv_BSD: jax.Array | None = None,
     ) -> jax.Array:
         """`bias_B1LL` (from `attention_bias`) for einsum and dot_product; the kernels
-        read `segment_ids_BL` instead (None = one document per row), always causal."""
+        read `segment_ids_BL` instead (None = one document per row), always causal.
+        `kv_BSD` (einsum and dot_product only) makes it cross-attention: keys and values
+        come from it (an encoder's output) instead of `x_BLD`."""
         d_model = x_BLD.shape[-1]
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         if positions_BL is None:  # one unpacked document per row
             positions_BL = jnp.broadcast_to(jnp.arange(x_BLD.shape[1]), x_BLD.shape[:2])
 
-        def project(name: str, heads: int, axis: str, rotate: bool) -> jax.Array:
+        def project(
+            name: str, heads: int, axis: str, rotate: bool, source: jax.Array = x_BLD
+        ) -> jax.Array:
             y = EinsumDense(
                 "bld,dnh->blnh",
                 (d_model, heads, self.head_dim),
                 ("embed", axis, "head_dim"),
                 (axis, "head_dim") if self.use_bias else (),
+                self.query_init_scale if name == "query" else 1.0,
                 name=name,
                 **kw,
-            )(x_BLD)
+            )(source)
             if rotate:
                 y = apply_rope(y, positions_BL, self.rope_base)
             return nn.with_logical_constraint(y, ("batch", "length", axis, "head_dim"))
@@ -127,8 +145,9 @@ class SelfAttention(nn.Module):
         k_heads = self.n_kv_heads or self.n_heads
         rope = self.rope_base > 0
         q_BLNH = project("query", self.n_heads, "heads", rotate=rope)
-        k_BLKH = project("key", k_heads, "kv_heads", rotate=rope)
-        v_BLKH = project("value", k_heads, "kv_heads", rotate=False)
+        source = x_BLD if kv_BSD is None else kv_BSD
+        k_BLKH = project("key", k_heads, "kv_heads", rope and kv_BSD is None, source)
+        v_BLKH = project("value", k_heads, "kv_heads", False, source)
         if segment_ids_BL is None:
             segment_ids_BL = jnp.ones(x_BLD.shape[:2], jnp.int32)
         if self.attention == "flash":
@@ -136,9 +155,9 @@ class SelfAttention(nn.Module):
         elif self.attention == "splash":
             out_BLNH = splash_attention(q_BLNH, k_BLKH, v_BLKH, segment_ids_BL, self.sliding_window)
         elif self.attention == "dot_product":
-            out_BLNH = xla_dot_product_attention(q_BLNH, k_BLKH, v_BLKH, bias_B1LL)
+            out_BLNH = xla_dot_product_attention(q_BLNH, k_BLKH, v_BLKH, bias_B1LL, self.scale)
         else:
-            out_BLNH = dot_product_attention(q_BLNH, k_BLKH, v_BLKH, bias_B1LL)
+            out_BLNH = dot_product_attention(q_BLNH, k_BLKH, v_BLKH, bias_B1LL, self.scale)
         out_BLNH = nn.with_logical_constraint(out_BLNH, ("batch", "length", "heads", "head_dim"))
         out = EinsumDense(
             "blnh,nhd->bld",

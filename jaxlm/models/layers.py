@@ -109,7 +109,7 @@ class GeluMlp(nn.Module):
             name="fc_in",
             **kw,
         )(x_BLD)
-        h = nn.with_logical_constraint(jax.nn.gelu(h), ("batch", "length", "mlp"))
+        h = nn.with_logical_constraint(self.activate(h), ("batch", "length", "mlp"))
         out = EinsumDense(
             "blf,fd->bld",
             (self.ff_dim, d_model),
@@ -120,6 +120,16 @@ class GeluMlp(nn.Module):
             **kw,
         )(h)
         return nn.Dropout(self.dropout)(out, deterministic=self.deterministic)
+
+    def activate(self, h: jax.Array) -> jax.Array:
+        return jax.nn.gelu(h)
+
+
+class ReluMlp(GeluMlp):
+    """T5's feed-forward: GPT-2's two matrices with ReLU in between (and, in T5, no biases)."""
+
+    def activate(self, h: jax.Array) -> jax.Array:
+        return jax.nn.relu(h)
 
 
 class SwiGluMlp(nn.Module):
@@ -159,4 +169,4 @@ class SwiGluMlp(nn.Module):
         return nn.Dropout(self.dropout)(out, deterministic=self.deterministic)
 
 
-MLPS = {"gelu": GeluMlp, "swiglu": SwiGluMlp}
+MLPS = {"gelu": GeluMlp, "swiglu": SwiGluMlp, "relu": ReluMlp}

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from jaxlm import checkpoint as ckpt
 from jaxlm import sharding as shd
-from jaxlm.config import Config, load_config, to_yaml
+from jaxlm.config import Config, check_trainable, load_config, to_yaml
 from jaxlm.data.pipeline import (
     check_enough_text,
     eval_batches,
@@ -182,6 +182,7 @@ def train(
     `stop_at` ends this session early at that step, with a checkpoint, as a
     preemption would; the schedule still spans `train.steps`.
     """
+    check_trainable(config)
     run_dir = Path(run_dir) if run_dir is not None else default_run_dir(config)
     run_dir.mkdir(parents=True, exist_ok=True)
     t_cfg = config.train
