@@ -1,0 +1,206 @@
+"""The model's architecture config, separate from the run config so that research
+code building a model needs nothing of OmegaConf, data or training settings.
+
+`model.family` fills the architecture fields a config leaves empty; `validate_model`
+checks the filled-in copy and names the offending key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from jaxlm.errors import ConfigError
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+# What `model.family` puts in the architecture fields a config leaves empty ("" or null),
+# so `model.family=llama` alone turns a GPT-2 preset into a Llama-style one.
+FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "gpt2": {
+        "norm": "layernorm",
+        "mlp": "gelu",
+        "position": "learned",
+        "use_bias": True,
+        "tie_embeddings": True,
+    },
+    "llama": {
+        "norm": "rmsnorm",
+        "mlp": "swiglu",
+        "position": "rope",
+        "use_bias": False,
+        "tie_embeddings": False,
+    },
+    # Encoder-decoder (models/encdec.py); the trainer doesn't train it yet.
+    "t5": {
+        "norm": "rmsnorm",
+        "mlp": "relu",
+        "position": "relative",
+        "use_bias": False,
+        "tie_embeddings": True,
+    },
+    # BERT encoder (models/encoder.py): post-LN, exact GELU; the trainer doesn't train it yet.
+    "bert": {
+        "norm": "layernorm",
+        "mlp": "gelu",
+        "position": "learned",
+        "use_bias": True,
+        "tie_embeddings": True,
+    },
+}
+MODEL_CHOICES = {
+    "norm": ("layernorm", "rmsnorm"),
+    "mlp": ("gelu", "swiglu", "relu"),
+    "position": ("learned", "rope", "relative"),
+    "attention": ("einsum", "dot_product", "flash", "splash"),
+}
+SWIGLU_MULTIPLE = 256  # Llama rounds its SwiGLU width up to this
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture. `vocab_size` left at 0 takes the tokenizer's size.
+
+    `family` (gpt2 | llama, both decoder-only) fills the fields left empty; see
+    FAMILY_DEFAULTS. `resolved()` gives the filled-in copy that models use.
+    """
+
+    family: str = "gpt2"
+    vocab_size: int = 0
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int = 0  # 0 = n_heads; fewer = grouped-query, 1 = multi-query
+    d_ff: int = 0  # 0 = 4 * d_model (gelu), Llama's 8/3 * d_model rounded up (swiglu)
+    max_len: int = 1024
+    dropout: float = 0.0
+    layer_norm_eps: float = 1e-5  # of LayerNorm or RMSNorm
+    norm: str = ""  # layernorm | rmsnorm
+    mlp: str = ""  # gelu | swiglu
+    position: str = ""  # learned (a table of max_len) | rope (from the packed positions)
+    rope_base: float = 10000.0
+    use_bias: bool | None = None  # in projections and LayerNorm
+    tie_embeddings: bool | None = None
+    sliding_window: int = 0  # attend to at most this many latest tokens; 0 = all
+    dtype: str = "float32"  # compute
+    param_dtype: str = "float32"
+    scan_layers: bool = True
+    remat: str = "none"  # none | full | dots
+    # einsum (reference) | dot_product (jax.nn) | flash | splash (Pallas TPU kernels,
+    # interpreted off TPU; seq_len a multiple of 128)
+    attention: str = "einsum"
+    # Encoder-decoder (t5) only: decoder depth (0 = n_layers; n_layers is the encoder's)
+    # and T5's bucketed relative position bias.
+    n_decoder_layers: int = 0
+    relative_buckets: int = 32
+    relative_max_distance: int = 128
+    type_vocab_size: int = 2  # bert only: token-type (segment A/B) embedding rows
+
+    def resolved(self) -> ModelConfig:
+        """This config with the family's defaults in the empty fields (idempotent)."""
+        defaults = FAMILY_DEFAULTS.get(self.family, {})
+        empty = {k: v for k, v in defaults.items() if getattr(self, k) in ("", None)}
+        return dataclasses.replace(self, **empty) if empty else self
+
+    @property
+    def ff_dim(self) -> int:
+        if self.d_ff:
+            return self.d_ff
+        if self.resolved().mlp == "swiglu":
+            return -(-(8 * self.d_model // 3) // SWIGLU_MULTIPLE) * SWIGLU_MULTIPLE
+        return 4 * self.d_model
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+
+def check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(key, message)
+
+
+def validate_model(m: ModelConfig) -> ModelConfig:
+    """The model's checks, on the copy with the family's defaults filled in."""
+    families = ", ".join(FAMILY_DEFAULTS)
+    check(
+        m.family in FAMILY_DEFAULTS,
+        "model.family",
+        f"unknown family {m.family!r}; known: {families}",
+    )
+    m = m.resolved()
+    for key in ("d_model", "n_layers", "n_heads", "max_len"):
+        check(getattr(m, key) > 0, f"model.{key}", "must be positive")
+    check(m.vocab_size >= 0, "model.vocab_size", "must be >= 0 (0 = tokenizer's size)")
+    check(m.d_ff >= 0, "model.d_ff", "must be >= 0 (0 = the family's width)")
+    check(
+        m.d_model % m.n_heads == 0,
+        "model.n_heads",
+        f"d_model {m.d_model} is not divisible by n_heads {m.n_heads}",
+    )
+    check(m.n_kv_heads >= 0, "model.n_kv_heads", "must be >= 0 (0 = n_heads)")
+    check(
+        m.n_heads % m.kv_heads == 0,
+        "model.n_kv_heads",
+        f"n_heads {m.n_heads} is not a multiple of n_kv_heads {m.kv_heads}",
+    )
+    for key, choices in MODEL_CHOICES.items():
+        check(getattr(m, key) in choices, f"model.{key}", f"must be {' or '.join(choices)}")
+    if m.position == "rope":
+        check(
+            m.head_dim % 2 == 0, "model.n_heads", f"RoPE needs an even head_dim, not {m.head_dim}"
+        )
+        check(m.rope_base > 1.0, "model.rope_base", "must be > 1")
+    check(m.sliding_window >= 0, "model.sliding_window", "must be >= 0 (0 = off)")
+    if m.attention in ("flash", "splash"):  # kernel limits; seq_len is checked when traced
+        check(
+            m.attention != "flash" or m.sliding_window == 0,
+            "model.sliding_window",
+            "model.attention=flash has no sliding window; use splash, einsum or dot_product",
+        )
+        check(
+            m.head_dim <= 128 or m.head_dim % 128 == 0,
+            "model.n_heads",
+            f"model.attention={m.attention} needs head_dim <= 128 or a multiple of 128, "
+            f"not {m.head_dim}",
+        )
+    check(m.layer_norm_eps > 0, "model.layer_norm_eps", "must be positive")
+    check(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)")
+    check(m.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}")
+    check(m.param_dtype in DTYPES, "model.param_dtype", f"must be one of {DTYPES}")
+    check(m.remat in ("none", "full", "dots"), "model.remat", "must be none, full or dots")
+    check(
+        (m.position == "relative") == (m.family == "t5"),
+        "model.position",
+        "relative (bucketed bias) is the t5 family's, and t5 has no other",
+    )
+    if m.family == "t5":
+        check(m.n_decoder_layers >= 0, "model.n_decoder_layers", "must be >= 0 (0 = n_layers)")
+        check(m.relative_buckets >= 4, "model.relative_buckets", "must be at least 4")
+        check(
+            m.relative_max_distance > m.relative_buckets // 2,
+            "model.relative_max_distance",
+            f"must exceed relative_buckets // 2 = {m.relative_buckets // 2} (the exact range)",
+        )
+        check(
+            m.attention in ("einsum", "dot_product"),
+            "model.attention",
+            "t5 needs einsum or dot_product (its relative bias is an additive bias)",
+        )
+    if m.family == "bert":
+        check(m.type_vocab_size > 0, "model.type_vocab_size", "must be positive")
+        check(
+            m.attention in ("einsum", "dot_product"),
+            "model.attention",
+            "bert needs einsum or dot_product (the kernels are causal only)",
+        )
+        for key, want in (("norm", "layernorm"), ("mlp", "gelu"), ("position", "learned")):
+            check(getattr(m, key) == want, f"model.{key}", f"bert supports only {want}")
+        check(m.tie_embeddings, "model.tie_embeddings", "bert's MLM head is tied")
+    return m
