@@ -165,11 +165,15 @@ def test_family_fills_only_the_fields_left_empty():
 @pytest.mark.parametrize(
     "override, key, message",
     [
-        ("model.family=bert", "model.family", "unknown family 'bert'; known: gpt2, llama"),
+        (
+            "model.family=bart",
+            "model.family",
+            "unknown family 'bart'; known: gpt2, llama, t5, bert",
+        ),
         ("model.n_kv_heads=3", "model.n_kv_heads", "n_heads 4 is not a multiple of n_kv_heads 3"),
         ("model.n_kv_heads=-1", "model.n_kv_heads", "must be >= 0"),
         ("model.norm=batchnorm", "model.norm", "must be layernorm or rmsnorm"),
-        ("model.mlp=relu", "model.mlp", "must be gelu or swiglu"),
+        ("model.mlp=swish", "model.mlp", "must be gelu or swiglu or relu"),
         ("model.position=alibi", "model.position", "must be learned or rope"),
         ("model.rope_base=0.5", "model.rope_base", "must be > 1"),
         ("model.sliding_window=-2", "model.sliding_window", "must be >= 0"),
