@@ -17,11 +17,7 @@ from flax import linen as nn
 from jaxlm.config import ModelConfig
 from jaxlm.models.attention import SelfAttention, attention_bias, uses_bias
 from jaxlm.models.layers import MLPS, logical, make_norm
-
-REMAT_POLICIES = {
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-}
+from jaxlm.models.stack import stack_layers
 
 
 class DecoderBlock(nn.Module):
@@ -117,26 +113,7 @@ class Decoder(nn.Module):
         if uses_bias(c.attention):
             bias = attention_bias(segment_ids_BL, causal=True, window=c.sliding_window)
 
-        block = DecoderBlock
-        if c.remat != "none":
-            block = nn.remat(block, policy=REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers)
-        if c.scan_layers:
-            stack = nn.scan(
-                block,
-                variable_axes={"params": 0},
-                split_rngs={"params": True, "dropout": True},
-                in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
-                length=c.n_layers,
-                metadata_params={nn.PARTITION_NAME: "layers"},
-            )
-            x, _ = stack(c, self.deterministic, name="layers")(
-                x, bias, positions_BL, segment_ids_BL
-            )
-        else:
-            for i in range(c.n_layers):
-                x, _ = block(c, self.deterministic, name=f"layers_{i}")(
-                    x, bias, positions_BL, segment_ids_BL
-                )
+        x = stack_layers(DecoderBlock, c, self.deterministic, x, bias, positions_BL, segment_ids_BL)
 
         x = make_norm(c.norm, c.layer_norm_eps, c.use_bias, dtype, param_dtype, "ln_final")(x)
         if c.tie_embeddings:

@@ -30,8 +30,8 @@ from flax import linen as nn
 
 from jaxlm.config import ModelConfig
 from jaxlm.models.attention import SelfAttention
-from jaxlm.models.decoder import REMAT_POLICIES
 from jaxlm.models.layers import MLPS, logical, rms_norm
+from jaxlm.models.stack import REMAT_POLICIES
 
 NEG_INF = float(jnp.finfo(jnp.float32).min)  # finite, so a fully padded row stays finite
 

@@ -23,8 +23,8 @@ from flax import linen as nn
 
 from jaxlm.config import ModelConfig
 from jaxlm.models.attention import SelfAttention, attention_bias
-from jaxlm.models.decoder import REMAT_POLICIES
 from jaxlm.models.layers import EinsumDense, GeluMlp, layer_norm, logical
+from jaxlm.models.stack import stack_layers
 
 BERT_INIT_STD = 0.02  # BERT's initializer_range, for every table and kernel
 
@@ -34,29 +34,6 @@ class ErfGeluMlp(GeluMlp):
 
     def activate(self, h: jax.Array) -> jax.Array:
         return jax.nn.gelu(h, approximate=False)
-
-
-def stack_layers(
-    block: type[nn.Module], c: ModelConfig, deterministic: bool, x: jax.Array, *args: Any
-) -> jax.Array:
-    """`c.n_layers` blocks over `x`, scanned (one `layers`-axis param stack) or unrolled,
-    remat'ed by `c.remat`; `args` are broadcast to every block. Blocks return (x, None)."""
-    if c.remat != "none":
-        block = nn.remat(block, policy=REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers)
-    if c.scan_layers:
-        stack = nn.scan(
-            block,
-            variable_axes={"params": 0},
-            split_rngs={"params": True, "dropout": True},
-            in_axes=(nn.broadcast,) * len(args),
-            length=c.n_layers,
-            metadata_params={nn.PARTITION_NAME: "layers"},
-        )
-        x, _ = stack(c, deterministic, name="layers")(x, *args)
-        return x
-    for i in range(c.n_layers):
-        x, _ = block(c, deterministic, name=f"layers_{i}")(x, *args)
-    return x
 
 
 class EncoderBlock(nn.Module):

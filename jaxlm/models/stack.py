@@ -1,0 +1,40 @@
+"""Stacking a block `n_layers` times: scanned (one compiled layer, params with a
+leading `layers` axis) or unrolled, optionally rematerialised. Shared by every family
+so scan and remat behave the same everywhere."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+from flax import linen as nn
+
+from jaxlm.config import ModelConfig
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+}
+
+
+def stack_layers(
+    block: type[nn.Module], c: ModelConfig, deterministic: bool, x: jax.Array, *args: Any
+) -> jax.Array:
+    """`c.n_layers` blocks over `x`, scanned (one `layers`-axis param stack) or unrolled,
+    remat'ed by `c.remat`; `args` are broadcast to every block. Blocks return (x, None)."""
+    if c.remat != "none":
+        block = nn.remat(block, policy=REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers)
+    if c.scan_layers:
+        stack = nn.scan(
+            block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True, "dropout": True},
+            in_axes=(nn.broadcast,) * len(args),
+            length=c.n_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )
+        x, _ = stack(c, deterministic, name="layers")(x, *args)
+        return x
+    for i in range(c.n_layers):
+        x, _ = block(c, deterministic, name=f"layers_{i}")(x, *args)
+    return x
