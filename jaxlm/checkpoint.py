@@ -9,20 +9,22 @@ ones it passed over.
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from jaxlm import integrity
 from jaxlm.config import CheckpointConfig
 from jaxlm.data.checkpointing import StreamsRestore, StreamsSave
 from jaxlm.errors import JaxlmError
+from jaxlm.paths import as_path
 
 
-def make_manager(directory: str | Path, config: CheckpointConfig) -> ocp.CheckpointManager:
+def make_manager(directory: str | os.PathLike, config: CheckpointConfig) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=config.every,
         max_to_keep=config.keep,
@@ -30,9 +32,7 @@ def make_manager(directory: str | Path, config: CheckpointConfig) -> ocp.Checkpo
         cleanup_tmp_directories=True,
         create=True,
     )
-    return ocp.CheckpointManager(
-        Path(directory).absolute(), options=options, item_names=("state", "data")
-    )
+    return ocp.CheckpointManager(as_path(directory), options=options, item_names=("state", "data"))
 
 
 def restore(
@@ -56,15 +56,15 @@ def restore(
 class Checkpointer:
     """The run's checkpoints: async saves, manifests once written, verified restores."""
 
-    def __init__(self, directory: str | Path, config: CheckpointConfig) -> None:
-        self.directory = Path(directory).absolute()
+    def __init__(self, directory: str | os.PathLike, config: CheckpointConfig) -> None:
+        self.directory = as_path(directory)  # local or gs://
         self.config = config
         # Reported before orbax's cleanup removes them.
         self.incomplete = integrity.incomplete_steps(self.directory)
         self.manager = make_manager(self.directory, config)
         self._unsealed: list[int] = []  # saved steps still waiting for their manifest
 
-    def step_dir(self, step: int) -> Path:
+    def step_dir(self, step: int) -> epath.Path:
         return self.directory / str(step)
 
     def save(self, step: int, state: Any, data_iter: grain.DatasetIterator, force: bool = False):

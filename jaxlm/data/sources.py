@@ -7,31 +7,32 @@ book); JSONL gives one document per record.
 
 from __future__ import annotations
 
-import glob
 import json
 import re
-from pathlib import Path
+
+from etils import epath
 
 from jaxlm.errors import JaxlmError
+from jaxlm.paths import glob_files, walk_files
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".json")
 
 
-def list_files(path: str) -> list[Path]:
-    """Expand a file, a directory (its text files, sorted) or a glob."""
-    p = Path(path)
+def list_files(path: str) -> list[epath.Path]:
+    """Expand a file, a directory (its text files, sorted) or a glob; local or gs://."""
+    p = epath.Path(path)
     if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES)
+        files = sorted(f for f in walk_files(p) if f.suffix in TEXT_SUFFIXES)
     elif p.is_file():
         files = [p]
     else:
-        files = sorted(Path(f) for f in glob.glob(path, recursive=True) if Path(f).is_file())
+        files = glob_files(path)
     if not files:
         raise JaxlmError(f"data.path: no data files found at {path!r}")
     return files
 
 
-def _read_text(file: Path) -> str:
+def _read_text(file: epath.Path) -> str:
     try:
         raw = file.read_bytes()
     except OSError as err:
@@ -55,7 +56,7 @@ def split_text(text: str, split: str) -> list[str]:
     return [p.strip("\n") for p in pieces if p.strip()]
 
 
-def _jsonl_documents(file: Path, text: str, field: str) -> list[str]:
+def _jsonl_documents(file: epath.Path, text: str, field: str) -> list[str]:
     docs = []
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import os
+import time
 from typing import Any
 
 import jax
+from etils import epath
 
 from jaxlm.config import ModelConfig
+from jaxlm.paths import is_remote
 
 # Dense peak per chip (TFLOP/s) in the precision a run of that chip would use.
 # CPU: the whole host's fp32 matmul peak measured on the 2-core dev machines
@@ -54,17 +57,40 @@ def flops_per_token(config: ModelConfig, n_params: int, seq_len: int) -> float:
 
 
 class MetricsWriter:
-    """Appends one JSON object per logged step to `metrics.jsonl`."""
+    """Appends one JSON object per logged step to `metrics.jsonl`.
 
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
+    Object stores (gs://) cannot append, so there the file is rewritten whole, at
+    most every `remote_every` seconds and on `close`."""
+
+    def __init__(self, path: str | os.PathLike, remote_every: float = 30.0) -> None:
+        self.path = epath.Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.remote = is_remote(self.path)
+        self.remote_every = remote_every
+        self._lines: list[str] = []
+        self._last_flush = 0.0
+        if self.remote and self.path.exists():  # a resumed run keeps its history
+            self._lines = self.path.read_text().splitlines(keepends=True)
 
     def write(self, record: dict[str, Any]) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        line = json.dumps(record) + "\n"
+        if not self.remote:
+            with self.path.open("a") as f:
+                f.write(line)
+            return
+        self._lines.append(line)
+        if time.monotonic() - self._last_flush >= self.remote_every:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.remote:
+            self.path.write_text("".join(self._lines))
+            self._last_flush = time.monotonic()
+
+    def close(self) -> None:
+        self.flush()
 
 
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    with Path(path).open() as f:
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    with epath.Path(path).open() as f:
         return [json.loads(line) for line in f if line.strip()]
