@@ -185,9 +185,10 @@ def compile_train_step(
     """Lower and compile one train step of `config` for `slices` x `topology`."""
     from jaxlm.models import build_model
     from jaxlm.train.metrics import flops_per_token
+    from jaxlm.train.objectives import for_family
     from jaxlm.train.optim import make_optimizer, make_schedule
     from jaxlm.train.state import count_params, state_shardings
-    from jaxlm.train.step import make_train_step
+    from jaxlm.train.step import batch_shardings, make_train_step
 
     if config.model.vocab_size == 0:  # no tokenizer here: it will have exactly this many
         config = config.replace(model={"vocab_size": config.tokenizer.vocab_size})
@@ -202,12 +203,16 @@ def compile_train_step(
     tx = make_optimizer(config.optim, t_cfg.steps)
     schedule = make_schedule(config.optim, t_cfg.steps)
     abstract, shardings = state_shardings(model, tx, t_cfg.seq_len, mesh, rules)
-    token = jax.ShapeDtypeStruct((t_cfg.batch_size, t_cfg.seq_len), "int32", sharding=data)
-    batch = {k: token for k in ("inputs", "targets", "segment_ids", "positions")}
+    objective = for_family(config.model.family)
+    in_batch = batch_shardings(mesh, rules, objective.batch_ranks)
+    shapes = objective.batch_shapes(t_cfg.batch_size, t_cfg.seq_len, config.data.target_len)
+    batch = {
+        k: jax.ShapeDtypeStruct(shape, "int32", sharding=in_batch[k]) for k, shape in shapes.items()
+    }
     # The same jit as train/step.py's jit_steps, unwrapped so that it can be lowered.
     step = jax.jit(
-        make_train_step(model, tx, schedule, t_cfg.nonfinite),
-        in_shardings=(shardings, {k: data for k in batch}),
+        make_train_step(model, tx, schedule, t_cfg.nonfinite, objective),
+        in_shardings=(shardings, in_batch),
         out_shardings=(shardings, shd.replicated(mesh)),
         donate_argnums=0,
     )

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
+from etils import epath
 from omegaconf import OmegaConf
 from omegaconf import errors as oc_errors
 
@@ -41,6 +42,11 @@ class TokenizerConfig:
 class DataConfig:
     path: str = "data/tinyshakespeare.txt"  # a file, a directory or a glob
     text_field: str = "text"  # for JSONL
+    # Seq2seq (t5): JSONL fields of each pair, and the target length (0 = train.seq_len,
+    # which is the source length).
+    source_field: str = "src"
+    target_field: str = "tgt"
+    target_len: int = 0
     split: str = "paragraph"  # how .txt files become documents: paragraph | line | file
     eval_fraction: float = 0.1  # the last documents, held out
     shuffle: bool = True
@@ -161,6 +167,9 @@ class DistributedConfig:
 class Config:
     name: str = "run"
     seed: int = 0
+    # Fine-tuning: start from these weights instead of init (when not resuming): a run
+    # or model directory, or `hf:PATH` for a Hugging Face directory (jaxlm/train/init_from.py).
+    init_from: str = ""
     model: ModelConfig = field(default_factory=ModelConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -206,18 +215,18 @@ def _field_type(key: str) -> str:
 
 
 def load_config(
-    path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+    path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()
 ) -> Config:
     """Load a YAML preset, apply `key=value` overrides, type- and range-check."""
     schema = OmegaConf.structured(Config)
     OmegaConf.set_readonly(schema, False)
     merged = schema
     if path is not None:
-        path = Path(path)
+        path = epath.Path(path)  # a run directory's config may be on gs://
         if not path.is_file():
             raise JaxlmError(f"config file not found: {path}")
         try:
-            loaded = OmegaConf.load(path)
+            loaded = OmegaConf.create(path.read_text())
         except Exception as err:  # yaml errors come in several types
             mark = getattr(err, "problem_mark", None)
             where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
@@ -255,16 +264,16 @@ def to_yaml(config: Config) -> str:
 
 
 def check_trainable(c: Config) -> None:
-    """What `jaxlm train` can't do yet, refused before any data or compile work."""
+    """What `jaxlm train` can't do, refused before any data or compile work."""
     _check(
-        c.model.family != "t5",
-        "model.family",
-        "model.family t5: training the seq2seq objective is not implemented yet",
+        c.model.family not in ("bert", "t5") or c.train.sample_prompt == "",
+        "train.sample_prompt",
+        f"{c.model.family} samples no text at the end of training (decoders only)",
     )
     _check(
-        c.model.family != "bert",
-        "model.family",
-        "model.family bert: training the MLM/NSP objective is not implemented yet",
+        c.model.family != "bert" or c.model.nsp_head,
+        "model.nsp_head",
+        "bert trains the MLM + NSP objective, which needs the NSP head",
     )
 
 
@@ -325,6 +334,17 @@ def validate(c: Config) -> Config:
         "at most one axis may be -1",
     )
     _check(c.data.streams >= 0, "data.streams", "must be >= 0 (0 = one per process)")
+    _check(c.data.target_len >= 0, "data.target_len", "must be >= 0 (0 = train.seq_len)")
+    _check(
+        bool(c.data.source_field) and bool(c.data.target_field),
+        "data.source_field",
+        "the source and target fields must be named",
+    )
+    _check(
+        m.family != "bert" or t.seq_len >= 7,
+        "train.seq_len",
+        "bert needs at least 7 tokens: [CLS] A [SEP] B [SEP] with two tokens per segment",
+    )
     d = c.distributed
     _check(d.mode in ("auto", "on", "off"), "distributed.mode", "must be auto, on or off")
     _check(d.num_processes >= 0, "distributed.num_processes", "must be >= 0")

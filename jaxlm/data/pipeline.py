@@ -9,8 +9,10 @@ goes into every checkpoint so a resumed run sees exactly the next batch.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
 from functools import partial
+from typing import Any
 
 import grain
 import numpy as np
@@ -20,6 +22,11 @@ from jaxlm.data.tokenizer import BOS_ID, EOS_ID
 from jaxlm.errors import JaxlmError
 
 Batch = dict[str, np.ndarray]
+
+# Tokenizing threads and read-ahead. grain's default (16 threads, 500 documents ahead)
+# spends its time polling the read-ahead buffer: on 2 cores this delivers 5-6x the
+# tokens/s (benchmarks/README.md). Order and content don't depend on it.
+READ_OPTIONS = grain.ReadOptions(num_threads=min(os.cpu_count() or 1, 16), prefetch_buffer_size=64)
 
 
 def split_documents(docs: Sequence[str], eval_fraction: float) -> tuple[list[str], list[str]]:
@@ -92,14 +99,14 @@ def _stream(
         ds = ds.repeat(None)
     ds = ds.map(partial(_tokenize, tokenizer))
     packed = grain.experimental.ConcatThenSplitIterDataset(
-        ds.to_iter_dataset(),
+        ds.to_iter_dataset(READ_OPTIONS),
         length_struct={"inputs": seq_len, "targets": seq_len},
     )
     return packed.map(_rename).batch(rows, drop_remainder=True)
 
 
 def make_dataset(
-    docs: Sequence[str],
+    docs: Sequence[Any],
     tokenizer: spm.SentencePieceProcessor,
     *,
     seq_len: int,
@@ -110,6 +117,7 @@ def make_dataset(
     process_index: int = 0,
     process_count: int = 1,
     num_streams: int = 0,
+    make_stream: Callable[..., grain.IterDataset] | None = None,
 ) -> grain.IterDataset:
     """Batches of packed rows for this process: `batch_size` is the per-process size.
 
@@ -117,6 +125,9 @@ def make_dataset(
     packed on its own; a process reads only the streams it owns and puts their rows
     side by side. With a fixed number of streams the global batch is the same for any
     process count, so a run can move between 1 and N hosts.
+
+    `make_stream` builds one stream's batches (the signature of `_stream`, the causal-LM
+    packing); the MLM and seq2seq pipelines bring their own and share the rest.
     """
     mine = owned_streams(num_streams, process_index, process_count)
     num_streams = num_streams or process_count
@@ -129,7 +140,8 @@ def make_dataset(
         )
     kw = dict(seq_len=seq_len, seed=seed, shuffle=shuffle, repeat=repeat)
     rows = batch_size // len(mine)
-    streams = [_stream(docs, tokenizer, i, num_streams, rows=rows, **kw) for i in mine]
+    make_stream = make_stream or _stream
+    streams = [make_stream(docs, tokenizer, i, num_streams, rows=rows, **kw) for i in mine]
     return Streams(streams, mine, num_streams)
 
 
@@ -172,7 +184,7 @@ class StreamsIterator(grain.DatasetIterator):
 
 
 def eval_batches(
-    docs: Sequence[str],
+    docs: Sequence[Any],
     tokenizer: spm.SentencePieceProcessor,
     *,
     seq_len: int,
@@ -181,6 +193,7 @@ def eval_batches(
     process_index: int = 0,
     process_count: int = 1,
     num_streams: int = 0,
+    make_stream: Callable[..., grain.IterDataset] | None = None,
 ) -> list[Batch]:
     """A fixed list of eval batches: the same every time, so losses are comparable."""
     ds = make_dataset(
@@ -194,6 +207,7 @@ def eval_batches(
         process_index=process_index,
         process_count=process_count,
         num_streams=num_streams,
+        make_stream=make_stream,
     )
     batches = []
     for batch in ds:

@@ -10,11 +10,11 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
 import sentencepiece as spm
+from etils import epath
 
 from jaxlm.errors import JaxlmError
 
@@ -27,11 +27,15 @@ def cache_dir() -> Path:
 
 def train_tokenizer(
     documents: Sequence[str],
-    out_path: str | Path,
+    out_path: str | os.PathLike,
     vocab_size: int,
     model_type: str = "bpe",
-) -> Path:
-    """Train a sentencepiece model on `documents` and write it to `out_path`."""
+    extra_symbols: Sequence[str] = (),
+) -> epath.Path:
+    """Train a sentencepiece model on `documents` and write it to `out_path`.
+
+    `extra_symbols` become pieces of their own that text never splits (BERT's `<mask>`).
+    """
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
@@ -44,7 +48,7 @@ def train_tokenizer(
             normalization_rule_name="identity",
             remove_extra_whitespaces=False,
             allow_whitespace_only_pieces=True,
-            user_defined_symbols=["\n"],
+            user_defined_symbols=["\n", *extra_symbols],
             split_digits=True,
             pad_id=PAD_ID,
             unk_id=UNK_ID,
@@ -56,7 +60,7 @@ def train_tokenizer(
         )
     except RuntimeError as err:
         raise JaxlmError(f"tokenizer training failed: {err}") from None
-    out_path = Path(out_path)
+    out_path = epath.Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_suffix(".tmp")
     tmp.write_bytes(model.getvalue())
@@ -64,20 +68,24 @@ def train_tokenizer(
     return out_path
 
 
-def load_tokenizer(path: str | Path) -> spm.SentencePieceProcessor:
-    path = Path(path)
+def load_tokenizer(path: str | os.PathLike) -> spm.SentencePieceProcessor:
+    """A sentencepiece model from a local or gs:// file."""
+    path = epath.Path(path)
     if not path.is_file():
         raise JaxlmError(f"tokenizer file not found: {path}")
     sp = spm.SentencePieceProcessor()
     try:
-        sp.load(str(path))
+        sp.load_from_serialized_proto(path.read_bytes())
     except (OSError, RuntimeError):
         raise JaxlmError(f"tokenizer file {path} is not a sentencepiece model") from None
     return sp
 
 
-def corpus_key(documents: Sequence[str], vocab_size: int, model_type: str) -> str:
-    h = hashlib.sha256(f"{vocab_size}:{model_type}:{len(documents)}".encode())
+def corpus_key(
+    documents: Sequence[str], vocab_size: int, model_type: str, extra_symbols: Sequence[str] = ()
+) -> str:
+    extra = f":{','.join(extra_symbols)}" if extra_symbols else ""
+    h = hashlib.sha256(f"{vocab_size}:{model_type}:{len(documents)}{extra}".encode())
     for doc in documents:
         h.update(doc.encode("utf-8"))
         h.update(b"\x00")
@@ -85,13 +93,18 @@ def corpus_key(documents: Sequence[str], vocab_size: int, model_type: str) -> st
 
 
 def cached_tokenizer(
-    documents: Sequence[str], out_path: str | Path, vocab_size: int, model_type: str
-) -> Path:
+    documents: Sequence[str],
+    out_path: str | os.PathLike,
+    vocab_size: int,
+    model_type: str,
+    extra_symbols: Sequence[str] = (),
+) -> epath.Path:
     """Copy a cached model for this corpus to `out_path`, training it if needed."""
-    cached = cache_dir() / "tokenizers" / f"{corpus_key(documents, vocab_size, model_type)}.model"
+    key = corpus_key(documents, vocab_size, model_type, extra_symbols)
+    cached = cache_dir() / "tokenizers" / f"{key}.model"
     if not cached.is_file():
-        train_tokenizer(documents, cached, vocab_size, model_type)
-    out_path = Path(out_path)
+        train_tokenizer(documents, cached, vocab_size, model_type, extra_symbols)
+    out_path = epath.Path(out_path)  # may be in a gs:// run directory
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(cached, out_path)
+    out_path.write_bytes(cached.read_bytes())
     return out_path

@@ -9,36 +9,36 @@ run directory resumes from its latest checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from jaxlm import checkpoint as ckpt
 from jaxlm import sharding as shd
 from jaxlm.config import Config, check_trainable, load_config, to_yaml
-from jaxlm.data.pipeline import (
-    check_enough_text,
-    eval_batches,
-    make_dataset,
-    split_documents,
-)
-from jaxlm.data.sources import read_documents
+from jaxlm.data import tasks
+from jaxlm.data.hf_tokenizer import prepare_hf_tokenizer
+from jaxlm.data.pipeline import eval_batches, make_dataset, split_documents
 from jaxlm.data.tokenizer import cached_tokenizer, load_tokenizer
 from jaxlm.errors import JaxlmError, NonFiniteLoss
-from jaxlm.generate import generate
-from jaxlm.models import build_model
+from jaxlm.generation import generate_ids
+from jaxlm.models import DECODER_FAMILIES, build_model
+from jaxlm.paths import as_path
 from jaxlm.train import faults
+from jaxlm.train.init_from import check_init_from, load_init_params
 from jaxlm.train.metrics import MetricsWriter, flops_per_token, peak_flops_per_device
+from jaxlm.train.objectives import for_family
 from jaxlm.train.optim import make_optimizer, make_schedule
 from jaxlm.train.preemption import Preempted, PreemptionGuard
 from jaxlm.train.state import TrainState, count_params, init_state, state_shardings
-from jaxlm.train.step import jit_steps, make_eval_step, make_train_step
+from jaxlm.train.step import batch_shardings, jit_steps, make_eval_step, make_train_step
 
 TOKENIZER_FILE = "tokenizer.model"
 
@@ -51,25 +51,28 @@ class TrainResult:
     sample: str = ""
 
 
-def default_run_dir(config: Config) -> Path:
-    return Path("runs") / config.name
+def default_run_dir(config: Config) -> epath.Path:
+    return as_path("runs") / config.name
 
 
-def prepare_tokenizer(config: Config, run_dir: Path, train_docs: list[str]):
+def prepare_tokenizer(config: Config, run_dir: epath.Path, train_docs: list[str]):
     """The run's tokenizer: the run dir's copy, else `tokenizer.path`, else trained.
 
     Process 0 writes it and the others wait, so hosts sharing a run directory never
     race on the file or end up with different tokenizers.
     """
+    if config.tokenizer.path.endswith(".json"):  # a Hugging Face tokenizer.json
+        return prepare_hf_tokenizer(config.tokenizer.path, run_dir)
     local = run_dir / TOKENIZER_FILE
     if jax.process_index() == 0 and not local.is_file():
         if config.tokenizer.path:
-            source = Path(config.tokenizer.path)
+            source = epath.Path(config.tokenizer.path)
             load_tokenizer(source)  # fail early on a bad file
             local.write_bytes(source.read_bytes())
         else:
             tok = config.tokenizer
-            cached_tokenizer(train_docs, local, tok.vocab_size, tok.model_type)
+            symbols = tasks.tokenizer_symbols(config)
+            cached_tokenizer(train_docs, local, tok.vocab_size, tok.model_type, symbols)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("jaxlm: tokenizer written")
     return load_tokenizer(local)
@@ -86,7 +89,7 @@ def resolve_vocab(config: Config, tokenizer_size: int) -> Config:
     return config
 
 
-def check_resumable(run_dir: Path, config: Config) -> None:
+def check_resumable(run_dir: epath.Path, config: Config) -> None:
     """Refuse to resume checkpoints of a different model or tokenizer (the mesh may change)."""
     saved = run_dir / "config.yaml"
     if not saved.is_file() or not any((run_dir / "checkpoints").glob("[0-9]*")):
@@ -106,12 +109,15 @@ def check_resumable(run_dir: Path, config: Config) -> None:
         )
 
 
-def _global_batch(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
-    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+def _global_batch(batch: dict[str, np.ndarray], shardings: dict) -> dict[str, jax.Array]:
+    return {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in batch.items()}
 
 
 def _perplexity(loss: float) -> float:
     return float(np.exp(min(loss, 50.0)))  # capped: an early loss can overflow exp
+
+
+_STEP_KEYS = ("loss", "grad_norm", "lr", "tokens", "nonfinite_steps")
 
 
 def step_record(step: int, metrics: dict, tokens_per_sec: float, mfu: float) -> dict[str, Any]:
@@ -126,16 +132,24 @@ def step_record(step: int, metrics: dict, tokens_per_sec: float, mfu: float) -> 
         "tokens_per_sec": tokens_per_sec,
         "mfu": mfu,
         "nonfinite_steps": int(metrics["nonfinite_steps"]),
-    }
+    } | {k: float(v) for k, v in metrics.items() if k not in _STEP_KEYS}  # BERT's accuracies
 
 
-def evaluate(eval_fn, params, batches, sharding) -> float:
-    loss_sum, tokens = 0.0, 0.0
+def evaluate(eval_fn, params, batches, shardings, summarize) -> dict[str, float]:
+    """The objective's metrics over all eval batches, from their summed statistics."""
+    sums: dict[str, float] = {}
     for batch in batches:
-        out = jax.device_get(eval_fn(params, _global_batch(batch, sharding)))
-        loss_sum += float(out["loss_sum"])
-        tokens += float(out["tokens"])
-    return loss_sum / max(tokens, 1.0)
+        out = jax.device_get(eval_fn(params, _global_batch(batch, shardings)))
+        for k, v in out.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+    return {k: float(v) for k, v in summarize(sums).items()}
+
+
+def eval_record(metrics: dict[str, float], family: str) -> dict[str, float]:
+    record = {f"eval_{k}": v for k, v in metrics.items()}
+    if family != "bert":  # BERT's loss is two losses added: no perplexity
+        record["eval_perplexity"] = _perplexity(metrics["loss"])
+    return record
 
 
 def _stop_on_nonfinite(checkpointer: ckpt.Checkpointer, state: TrainState, data_iter) -> None:
@@ -154,16 +168,21 @@ def sample_text(config: Config, model, params, tokenizer) -> str:
     t_cfg = config.train
     prompt = tokenizer.encode(t_cfg.sample_prompt) if t_cfg.sample_prompt else []
     buffer_len = min(config.model.max_len, max(t_cfg.seq_len, len(prompt) + 1))
+    prompt = [tokenizer.bos_id(), *prompt][-buffer_len + 1 :]  # documents start with BOS
+    eos = tokenizer.eos_id()
     pieces, n_tokens = [], 0
     for i in range(8):  # a document can end early at EOS
-        ids = generate(
+        ids = generate_ids(
             model,
             params,
-            prompt,
-            t_cfg.sample_tokens - n_tokens,
-            buffer_len=buffer_len,
+            [prompt],
+            max_new_tokens=max(1, min(t_cfg.sample_tokens - n_tokens, buffer_len - len(prompt))),
+            temperature=0.8,
+            top_k=40,
             seed=config.seed + i,
-        )
+            eos_id=eos,
+        ).tokens[0]
+        ids = ids[:-1] if ids and ids[-1] == eos else ids
         pieces.append(t_cfg.sample_prompt + tokenizer.decode(ids))
         n_tokens += len(prompt) + len(ids) + 1
         if n_tokens >= t_cfg.sample_tokens:
@@ -173,7 +192,7 @@ def sample_text(config: Config, model, params, tokenizer) -> str:
 
 def train(
     config: Config,
-    run_dir: str | Path | None = None,
+    run_dir: str | os.PathLike | None = None,
     progress: bool = True,
     stop_at: int | None = None,
 ) -> TrainResult:
@@ -183,7 +202,8 @@ def train(
     preemption would; the schedule still spans `train.steps`.
     """
     check_trainable(config)
-    run_dir = Path(run_dir) if run_dir is not None else default_run_dir(config)
+    check_init_from(config)
+    run_dir = as_path(run_dir) if run_dir is not None else default_run_dir(config)
     run_dir.mkdir(parents=True, exist_ok=True)
     t_cfg = config.train
     n_proc, proc = jax.process_count(), jax.process_index()
@@ -199,15 +219,21 @@ def train(
     rules = shd.logical_rules(config.mesh)
     data_sharding = shd.batch_sharding(mesh, rules)
     shd.check_batch(t_cfg.batch_size, data_sharding, t_cfg.seq_len)
+    if config.data.target_len and config.model.family == "t5":
+        shd.check_batch(t_cfg.batch_size, data_sharding, config.data.target_len)
+    objective = for_family(config.model.family)
+    data_shardings = batch_shardings(mesh, rules, objective.batch_ranks)
 
     # Data and tokenizer: cheap, and the commonest source of user errors.
-    docs = read_documents(config.data.path, config.data.text_field, config.data.split)
+    docs = tasks.read_examples(config)
     train_docs, held_out = split_documents(docs, config.data.eval_fraction)
-    check_enough_text(train_docs, t_cfg.batch_size, t_cfg.seq_len)
-    tokenizer = prepare_tokenizer(config, run_dir, train_docs)
+    tasks.check_enough(config, train_docs)
+    tokenizer = prepare_tokenizer(config, run_dir, tasks.tokenizer_corpus(config, train_docs))
+    make_stream = tasks.stream_maker(config, tokenizer)
     config = resolve_vocab(config, tokenizer.get_piece_size())
     check_resumable(run_dir, config)
-    (run_dir / "config.yaml").write_text(to_yaml(config))
+    if proc == 0:  # hosts may share a gs:// run directory
+        (run_dir / "config.yaml").write_text(to_yaml(config))
 
     # Model and state shardings: every shape is checked here, before compiling.
     model = build_model(config.model, deterministic=config.model.dropout == 0.0)
@@ -216,11 +242,12 @@ def train(
     schedule = make_schedule(config.optim, t_cfg.steps)
     abstract_state, shardings = state_shardings(model, tx, t_cfg.seq_len, mesh, rules)
     train_fn, eval_fn = jit_steps(
-        make_train_step(model, tx, schedule, t_cfg.nonfinite),
-        make_eval_step(eval_model),
+        make_train_step(model, tx, schedule, t_cfg.nonfinite, objective),
+        make_eval_step(eval_model, objective),
         shardings,
         mesh,
         rules,
+        objective.batch_ranks,
     )
 
     train_ds = make_dataset(
@@ -233,6 +260,7 @@ def train(
         process_index=proc,
         process_count=n_proc,
         num_streams=config.data.streams,
+        make_stream=make_stream,
     )
     data_iter = iter(train_ds)
     held_out_batches = eval_batches(
@@ -244,6 +272,7 @@ def train(
         process_index=proc,
         process_count=n_proc,
         num_streams=config.data.streams,
+        make_stream=make_stream,
     )
 
     checkpointer = ckpt.Checkpointer(run_dir / "checkpoints", config.checkpoint)
@@ -260,6 +289,8 @@ def train(
             mesh,
             rules,
         )
+        if config.init_from:  # fine-tuning: start from a converted or HF checkpoint
+            state = state.replace(params=load_init_params(config, state.params))
     start = int(state.step)
 
     n_params = count_params(state.params)
@@ -283,7 +314,7 @@ def train(
     with guard:
         for step in range(start + 1, end + 1):
             local = faults.maybe_poison(step, next(data_iter), config.model.vocab_size)
-            state, metrics = train_fn(state, _global_batch(local, data_sharding))
+            state, metrics = train_fn(state, _global_batch(local, data_shardings))
             bar.update(1)
             is_last = step == end
             preempted = guard.requested or checkpointer.manager.reached_preemption(step)
@@ -293,14 +324,18 @@ def train(
             if do_log or (do_save and t_cfg.nonfinite == "stop"):
                 metrics = jax.device_get(metrics)  # the only host sync in the loop
                 if t_cfg.nonfinite == "stop" and metrics["nonfinite_steps"] > 0:
+                    if writer:
+                        writer.close()
                     _stop_on_nonfinite(checkpointer, state, data_iter)
             if do_log:
                 now = time.perf_counter()
                 tok_s = tokens_per_step * (step - last_step) / (now - last_time)
                 record = step_record(step, metrics, tok_s, fpt * tok_s / peak)
                 if do_eval:
-                    eval_loss = evaluate(eval_fn, state.params, held_out_batches, data_sharding)
-                    record |= {"eval_loss": eval_loss, "eval_perplexity": _perplexity(eval_loss)}
+                    evaluated = evaluate(
+                        eval_fn, state.params, held_out_batches, data_shardings, objective.summarize
+                    )
+                    record |= eval_record(evaluated, config.model.family)
                 result.history.append(record)
                 if writer:
                     writer.write(record)
@@ -310,13 +345,18 @@ def train(
             faults.maybe_kill_during_save(step)
             checkpointer.poll()
             if preempted:
+                if writer:
+                    writer.close()
                 bar.close()
                 checkpointer.close()
                 raise Preempted(step, str(checkpointer.step_dir(step)))
     bar.close()
+    if writer:
+        writer.close()
     checkpointer.close()
     result.state = state
 
-    if t_cfg.sample_tokens and proc == 0 and end == t_cfg.steps:
+    decoder = config.model.family in DECODER_FAMILIES  # bert and t5 sample no text
+    if t_cfg.sample_tokens and decoder and proc == 0 and end == t_cfg.steps:
         result.sample = sample_text(config, eval_model, jax.device_get(state.params), tokenizer)
     return result

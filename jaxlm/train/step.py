@@ -9,27 +9,15 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import linen as nn
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxlm import runtime
 from jaxlm import sharding as shd
+from jaxlm.train.objectives import CAUSAL_LM, Objective, token_loss  # noqa: F401
 from jaxlm.train.state import TrainState
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
-
-
-def token_loss(model: nn.Module, params: Any, batch: Batch, rng: jax.Array | None = None):
-    """(summed fp32 loss over real tokens, number of real tokens)."""
-    logits = model.apply(
-        {"params": params},
-        batch["inputs"],
-        batch["segment_ids"],
-        batch["positions"],
-        rngs={"dropout": rng} if rng is not None else None,
-    )
-    mask = (batch["segment_ids"] > 0).astype(jnp.float32)
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-    return jnp.sum(losses * mask), jnp.sum(mask)
 
 
 def make_train_step(
@@ -37,8 +25,10 @@ def make_train_step(
     tx: optax.GradientTransformation,
     schedule: optax.Schedule,
     nonfinite: str = "skip",
+    objective: Objective = CAUSAL_LM,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
-    """The pure step. A non-finite loss or gradient never reaches the state:
+    """The pure step of `objective` (the model family's, see train/objectives.py).
+    A non-finite loss or gradient never reaches the state:
 
     - "skip": that update is dropped (params and optimizer unchanged), the step
       counter moves on and `nonfinite` counts it;
@@ -50,10 +40,10 @@ def make_train_step(
         rng = jax.random.fold_in(state.rng, state.step)
 
         def loss_fn(params):
-            total, n_tokens = token_loss(model, params, batch, rng)
-            return total / jnp.maximum(n_tokens, 1.0), n_tokens
+            loss, n_tokens, sums = objective.loss(model, params, batch, rng)
+            return loss, (n_tokens, sums)
 
-        (loss, n_tokens), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        (loss, (n_tokens, sums)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -77,17 +67,33 @@ def make_train_step(
             "tokens": n_tokens,
             "nonfinite_steps": new_state.nonfinite,
         }
+        # The family's own metrics (BERT's accuracies); the loss is already there.
+        metrics |= {k: v for k, v in objective.summarize(sums).items() if k != "loss"}
         return new_state, metrics
 
     return train_step
 
 
-def make_eval_step(model: nn.Module) -> Callable[[Any, Batch], Metrics]:
+def make_eval_step(
+    model: nn.Module, objective: Objective = CAUSAL_LM
+) -> Callable[[Any, Batch], Metrics]:
+    """Additive sums (`objective.summarize` turns them into metrics over many batches)."""
+
     def eval_step(params: Any, batch: Batch) -> Metrics:
-        total, n_tokens = token_loss(model, params, batch)
-        return {"loss_sum": total, "tokens": n_tokens}
+        return objective.loss(model, params, batch, None)[2]
 
     return eval_step
+
+
+def batch_shardings(
+    mesh: Mesh, rules: shd.Rules, batch_ranks: dict[str, int]
+) -> dict[str, NamedSharding]:
+    """Per batch key: (batch, length) arrays as `shd.batch_sharding`, (batch,) ones on
+    its first axis alone."""
+    data = shd.batch_sharding(mesh, rules)
+    return {
+        k: NamedSharding(mesh, PartitionSpec(*data.spec[:rank])) for k, rank in batch_ranks.items()
+    }
 
 
 def jit_steps(
@@ -96,21 +102,25 @@ def jit_steps(
     state_shardings: TrainState,
     mesh: Mesh,
     rules: shd.Rules,
+    batch_ranks: dict[str, int] = CAUSAL_LM.batch_ranks,
 ) -> tuple[Callable, Callable]:
-    """Jit both steps with explicit shardings; the train state is donated."""
-    data = shd.batch_sharding(mesh, rules)
-    batch_shardings = {k: data for k in ("inputs", "targets", "segment_ids", "positions")}
+    """Jit both steps with explicit shardings; the train state is donated.
+    `batch_ranks` is the objective's batch keys and their ranks."""
+    batch = batch_shardings(mesh, rules, batch_ranks)
     out = shd.replicated(mesh)
+    options = runtime.compiler_options()  # backend tuning, see jaxlm/runtime.py
     jitted_train = jax.jit(
         train_step,
-        in_shardings=(state_shardings, batch_shardings),
+        in_shardings=(state_shardings, batch),
         out_shardings=(state_shardings, out),
         donate_argnums=0,
+        compiler_options=options,
     )
     jitted_eval = jax.jit(
         eval_step,
-        in_shardings=(state_shardings.params, batch_shardings),
+        in_shardings=(state_shardings.params, batch),
         out_shardings=out,
+        compiler_options=options,
     )
 
     def with_context(fn: Callable) -> Callable:

@@ -1,0 +1,161 @@
+"""The training objectives, one per model family, behind one interface.
+
+An objective's `loss(model, params, batch, rng)` returns `(loss, weight, sums)`: the
+scalar the step minimises, the number of real target tokens, and additive statistics
+(sums and counts) that eval adds up over batches. `summarize` turns sums, from one
+batch or many, into named metrics; `batch_ranks` names the batch's arrays and their
+ranks, which fix their shardings. Everything in fp32, from the models' fp32 logits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import linen as nn
+
+Batch = dict[str, jax.Array]
+Sums = dict[str, jax.Array]
+LossFn = Callable[[nn.Module, Any, Batch, "jax.Array | None"], tuple[jax.Array, jax.Array, Sums]]
+
+
+@dataclass(frozen=True)
+class Objective:
+    loss: LossFn
+    summarize: Callable[[Mapping[str, Any]], dict[str, Any]]
+    batch_ranks: Mapping[str, int]
+    target_keys: tuple[str, ...] = ()  # (batch, target_len) arrays: seq2seq's decoder side
+
+    def batch_shapes(
+        self, batch_size: int, seq_len: int, target_len: int = 0
+    ) -> dict[str, tuple[int, ...]]:
+        """Each batch array's shape: (batch,), (batch, seq_len) or (batch, target_len)."""
+        length = {
+            k: (target_len or seq_len) if k in self.target_keys else seq_len
+            for k in self.batch_ranks
+        }
+        return {k: (batch_size, length[k])[:rank] for k, rank in self.batch_ranks.items()}
+
+
+def _rngs(rng: jax.Array | None) -> dict | None:
+    return {"dropout": rng} if rng is not None else None
+
+
+def token_loss(model: nn.Module, params: Any, batch: Batch, rng: jax.Array | None = None):
+    """(summed fp32 loss over real tokens, number of real tokens)."""
+    logits = model.apply(
+        {"params": params},
+        batch["inputs"],
+        batch["segment_ids"],
+        batch["positions"],
+        rngs=_rngs(rng),
+    )
+    mask = (batch["segment_ids"] > 0).astype(jnp.float32)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    return jnp.sum(losses * mask), jnp.sum(mask)
+
+
+def _mean(total: Any, count: Any) -> Any:
+    return total / jnp.maximum(count, 1.0)
+
+
+def causal_lm_loss(model, params, batch, rng=None):
+    total, n_tokens = token_loss(model, params, batch, rng)
+    return _mean(total, n_tokens), n_tokens, {"loss_sum": total, "tokens": n_tokens}
+
+
+def _token_summary(sums: Mapping[str, Any]) -> dict[str, Any]:
+    return {"loss": _mean(sums["loss_sum"], sums["tokens"])}
+
+
+def _masked_ce(logits, labels, weights):
+    """(summed cross-entropy, summed correct predictions, summed weights)."""
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+    return jnp.sum(losses * weights), jnp.sum(correct * weights), jnp.sum(weights)
+
+
+def mlm_nsp_loss(model, params, batch, rng=None):
+    """BERT's pretraining loss: mean CE over the chosen (masked) tokens plus mean NSP CE."""
+    mlm_logits, nsp_logits = model.apply(
+        {"params": params},
+        batch["inputs"],
+        batch["token_types"],
+        batch["segment_ids"],
+        rngs=_rngs(rng),
+    )
+    mlm_loss, mlm_correct, mlm_tokens = _masked_ce(
+        mlm_logits, batch["targets"], batch["mlm_mask"].astype(jnp.float32)
+    )
+    ones = jnp.ones(nsp_logits.shape[:1], jnp.float32)
+    nsp_loss, nsp_correct, nsp_examples = _masked_ce(nsp_logits, batch["nsp_labels"], ones)
+    sums = {
+        "mlm_loss_sum": mlm_loss,
+        "mlm_correct": mlm_correct,
+        "mlm_tokens": mlm_tokens,
+        "nsp_loss_sum": nsp_loss,
+        "nsp_correct": nsp_correct,
+        "nsp_examples": nsp_examples,
+    }
+    loss = _mean(mlm_loss, mlm_tokens) + _mean(nsp_loss, nsp_examples)
+    return loss, mlm_tokens, sums
+
+
+def _mlm_nsp_summary(sums: Mapping[str, Any]) -> dict[str, Any]:
+    mlm = _mean(sums["mlm_loss_sum"], sums["mlm_tokens"])
+    nsp = _mean(sums["nsp_loss_sum"], sums["nsp_examples"])
+    return {
+        "loss": mlm + nsp,
+        "mlm_loss": mlm,
+        "nsp_loss": nsp,
+        "mlm_accuracy": _mean(sums["mlm_correct"], sums["mlm_tokens"]),
+        "nsp_accuracy": _mean(sums["nsp_correct"], sums["nsp_examples"]),
+    }
+
+
+def seq2seq_loss(model, params, batch, rng=None):
+    """Cross-entropy over the real target tokens (EOS included), given the source."""
+    logits = model.apply(
+        {"params": params},
+        batch["inputs"],
+        batch["decoder_inputs"],
+        batch["input_mask"],
+        batch["target_mask"],
+        rngs=_rngs(rng),
+    )
+    mask = batch["target_mask"].astype(jnp.float32)
+    total, _, n_tokens = _masked_ce(logits, batch["targets"], mask)
+    return _mean(total, n_tokens), n_tokens, {"loss_sum": total, "tokens": n_tokens}
+
+
+CAUSAL_LM = Objective(
+    causal_lm_loss,
+    _token_summary,
+    {"inputs": 2, "targets": 2, "segment_ids": 2, "positions": 2},
+)
+MLM_NSP = Objective(
+    mlm_nsp_loss,
+    _mlm_nsp_summary,
+    {
+        "inputs": 2,
+        "token_types": 2,
+        "segment_ids": 2,
+        "targets": 2,
+        "mlm_mask": 2,
+        "nsp_labels": 1,
+    },
+)
+SEQ2SEQ = Objective(
+    seq2seq_loss,
+    _token_summary,
+    {"inputs": 2, "input_mask": 2, "decoder_inputs": 2, "targets": 2, "target_mask": 2},
+    target_keys=("decoder_inputs", "targets", "target_mask"),
+)
+
+
+def for_family(family: str) -> Objective:
+    return {"bert": MLM_NSP, "t5": SEQ2SEQ}.get(family, CAUSAL_LM)
