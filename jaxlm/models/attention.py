@@ -5,9 +5,16 @@
 below), `dot_product` (`jax.nn.dot_product_attention`, which lets XLA pick a fused
 kernel), `flash` or `splash` (the Pallas TPU kernels, see kernels.py). All give the same
 numbers.
+
+Decoding keeps a KV cache in the flax `cache` collection: keys and values per layer,
+preallocated to the whole length S, written at `cache_index` and attended through a
+(B, 1, T, S) bias (`cache_bias`), so one compiled step serves every position.
+Cross-attention caches the projected encoder keys and values once.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -15,11 +22,16 @@ from flax import linen as nn
 
 from jaxlm.models.kernels import flash_attention, splash_attention
 from jaxlm.models.layers import EinsumDense
-from jaxlm.models.rope import apply_rope
+from jaxlm.models.rope import RopeScaling, apply_rope
 
 # The implementations that take the additive (B, 1, L, L) bias; the others build their
 # masks from segment ids themselves, so the decoder skips the L x L bias for them.
 BIAS_ATTENTION = ("einsum", "dot_product")
+# Heads first, and keys stored transposed (B, K, H, S), values (B, K, S, H): the
+# per-step score and value products then read the cache as XLA's CPU dots want their
+# right operand, (contracted, kept), with no transposed copy of it every step.
+KEY_CACHE_AXES = ("batch", "kv_heads", "head_dim", "length")
+VALUE_CACHE_AXES = ("batch", "kv_heads", "length", "head_dim")
 
 
 def uses_bias(attention: str) -> bool:
@@ -42,6 +54,21 @@ def attention_bias(segment_ids_BL: jax.Array, causal: bool = True, window: int =
     if window:
         same = same & (jnp.abs(query - key) < window)[None]
     return jnp.where(same, 0.0, jnp.finfo(jnp.float32).min)[:, None].astype(jnp.float32)
+
+
+def cache_bias(
+    key_valid_BS: jax.Array, cache_index: jax.Array, q_len: int, window: int = 0
+) -> jax.Array:
+    """Additive fp32 bias (B, 1, T, S) for T queries written at cache slots
+    `cache_index`.. over the S cache slots: a query sees the valid (non-padding) slots at
+    or before its own, and with `window` > 0 only the `window` latest of them. Prompts
+    are left-padded, so slot distance is position distance for real tokens."""
+    query = cache_index + jnp.arange(q_len)[:, None]
+    key = jnp.arange(key_valid_BS.shape[1])[None, :]
+    ok = key_valid_BS.astype(bool)[:, None, :] & (key <= query)[None]
+    if window:
+        ok = ok & (query - key < window)[None]
+    return jnp.where(ok, 0.0, jnp.finfo(jnp.float32).min)[:, None].astype(jnp.float32)
 
 
 def dot_product_attention(
@@ -67,6 +94,39 @@ def dot_product_attention(
     probs = jax.nn.softmax(scores + bias_B1LL[:, :, None], axis=-1).astype(v_BLKH.dtype)
     out_BLKGH = jnp.einsum("bkgqs,bskh->bqkgh", probs, v_BLKH)
     return out_BLKGH.reshape(b, length, n_heads, head_dim)
+
+
+def _key_layout(x_BLKH: jax.Array) -> jax.Array:
+    return nn.with_logical_constraint(x_BLKH.transpose(0, 2, 3, 1), KEY_CACHE_AXES)
+
+
+def _value_layout(x_BLKH: jax.Array) -> jax.Array:
+    return nn.with_logical_constraint(x_BLKH.transpose(0, 2, 1, 3), VALUE_CACHE_AXES)
+
+
+def cached_attention(
+    q_BTNH: jax.Array,
+    k_BKHS: jax.Array,
+    v_BKSH: jax.Array,
+    bias: jax.Array,
+    scale: float | None = None,
+) -> jax.Array:
+    """The einsum reference for T queries over a cache of keys (B, K, H, S) and values
+    (B, K, S, H); `bias` is (B, 1, T, S) or per head (B, N, T, S). Same arithmetic as
+    `dot_product_attention`."""
+    b, t, n_heads, head_dim = q_BTNH.shape
+    k_heads = k_BKHS.shape[1]
+    group = n_heads // k_heads
+    q_BKGTH = q_BTNH.reshape(b, t, k_heads, group, head_dim).transpose(0, 2, 3, 1, 4)
+    scale = head_dim**-0.5 if scale is None else scale
+    scores = jnp.einsum("bkgth,bkhs->bkgts", q_BKGTH, k_BKHS).astype(jnp.float32) * scale
+    if bias.shape[1] == 1:
+        bias = bias[:, :, None]
+    else:
+        bias = bias.reshape(bias.shape[0], k_heads, group, t, bias.shape[-1])
+    probs = jax.nn.softmax(scores + bias, axis=-1).astype(v_BKSH.dtype)
+    out_BKGTH = jnp.einsum("bkgts,bksh->bkgth", probs, v_BKSH)
+    return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(b, t, n_heads, head_dim)
 
 
 def xla_dot_product_attention(
@@ -103,6 +163,7 @@ class SelfAttention(nn.Module):
     n_kv_heads: int = 0  # 0 = n_heads
     use_bias: bool = True
     rope_base: float = 0.0
+    rope_scaling: RopeScaling | None = None  # a checkpoint's context extension
     attention: str = "einsum"  # einsum | dot_product | flash | splash
     sliding_window: int = 0  # for splash, which masks by itself; the others get it in the bias
     scale: float | None = None  # of the scores; None = 1/sqrt(head_dim), T5 uses 1.0
@@ -116,11 +177,17 @@ class SelfAttention(nn.Module):
         positions_BL: jax.Array | None = None,
         segment_ids_BL: jax.Array | None = None,
         kv_BSD: jax.Array | None = None,
+        cache_index: jax.Array | None = None,
     ) -> jax.Array:
         """`bias_B1LL` (from `attention_bias`) for einsum and dot_product; the kernels
         read `segment_ids_BL` instead (None = one document per row), always causal.
         `kv_BSD` (einsum and dot_product only) makes it cross-attention: keys and values
-        come from it (an encoder's output) instead of `x_BLD`."""
+        come from it (an encoder's output) instead of `x_BLD`.
+
+        `cache_index` (a scalar) turns on decoding: the new keys and values go into the
+        `cache` collection at that slot, and the queries attend over the whole cache
+        through `bias_B1LL` (B, 1, T, S) from `cache_bias`; cross-attention keys and
+        values are projected on the first call and read from the cache after."""
         d_model = x_BLD.shape[-1]
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         if positions_BL is None:  # one unpacked document per row
@@ -139,25 +206,19 @@ class SelfAttention(nn.Module):
                 **kw,
             )(source)
             if rotate:
-                y = apply_rope(y, positions_BL, self.rope_base)
+                y = apply_rope(y, positions_BL, self.rope_base, self.rope_scaling)
             return nn.with_logical_constraint(y, ("batch", "length", axis, "head_dim"))
 
         k_heads = self.n_kv_heads or self.n_heads
         rope = self.rope_base > 0
         q_BLNH = project("query", self.n_heads, "heads", rotate=rope)
         source = x_BLD if kv_BSD is None else kv_BSD
-        k_BLKH = project("key", k_heads, "kv_heads", rope and kv_BSD is None, source)
-        v_BLKH = project("value", k_heads, "kv_heads", False, source)
-        if segment_ids_BL is None:
-            segment_ids_BL = jnp.ones(x_BLD.shape[:2], jnp.int32)
-        if self.attention == "flash":
-            out_BLNH = flash_attention(q_BLNH, k_BLKH, v_BLKH, segment_ids_BL)
-        elif self.attention == "splash":
-            out_BLNH = splash_attention(q_BLNH, k_BLKH, v_BLKH, segment_ids_BL, self.sliding_window)
-        elif self.attention == "dot_product":
-            out_BLNH = xla_dot_product_attention(q_BLNH, k_BLKH, v_BLKH, bias_B1LL, self.scale)
+        if cache_index is not None:
+            out_BLNH = self._decode(q_BLNH, bias_B1LL, cache_index, kv_BSD, project)
         else:
-            out_BLNH = dot_product_attention(q_BLNH, k_BLKH, v_BLKH, bias_B1LL, self.scale)
+            k_BLKH = project("key", k_heads, "kv_heads", rope and kv_BSD is None, source)
+            v_BLKH = project("value", k_heads, "kv_heads", False, source)
+            out_BLNH = self._attend(q_BLNH, k_BLKH, v_BLKH, bias_B1LL, segment_ids_BL)
         out_BLNH = nn.with_logical_constraint(out_BLNH, ("batch", "length", "heads", "head_dim"))
         out = EinsumDense(
             "blnh,nhd->bld",
@@ -169,3 +230,66 @@ class SelfAttention(nn.Module):
             **kw,
         )(out_BLNH)
         return nn.Dropout(self.dropout)(out, deterministic=self.deterministic)
+
+    def _attend(
+        self,
+        q_BLNH: jax.Array,
+        k_BLKH: jax.Array,
+        v_BLKH: jax.Array,
+        bias_B1LL: jax.Array | None,
+        segment_ids_BL: jax.Array | None,
+    ) -> jax.Array:
+        if segment_ids_BL is None:
+            segment_ids_BL = jnp.ones(q_BLNH.shape[:2], jnp.int32)
+        if self.attention == "flash":
+            return flash_attention(q_BLNH, k_BLKH, v_BLKH, segment_ids_BL)
+        if self.attention == "splash":
+            return splash_attention(q_BLNH, k_BLKH, v_BLKH, segment_ids_BL, self.sliding_window)
+        if self.attention == "dot_product":
+            return xla_dot_product_attention(q_BLNH, k_BLKH, v_BLKH, bias_B1LL, self.scale)
+        return dot_product_attention(q_BLNH, k_BLKH, v_BLKH, bias_B1LL, self.scale)
+
+    def _decode(
+        self,
+        q_BTNH: jax.Array,
+        bias_B1TS: jax.Array,
+        cache_index: jax.Array,
+        kv_BSD: jax.Array | None,
+        project: Callable[..., jax.Array],
+    ) -> jax.Array:
+        """Attention over the cache. Self-attention writes the new keys and values at
+        `cache_index` first; cross-attention projects the encoder output on the first
+        call only. `project(name, heads, axis, rotate, source)` is the caller's."""
+        k_heads = self.n_kv_heads or self.n_heads
+        cross = kv_BSD is not None
+        if cross and self.has_variable("cache", "cached_key"):
+            k_BKHS = self.get_variable("cache", "cached_key")
+            v_BKSH = self.get_variable("cache", "cached_value")
+        elif cross:
+            k_BKHS = _key_layout(project("key", k_heads, "kv_heads", False, kv_BSD))
+            v_BKSH = _value_layout(project("value", k_heads, "kv_heads", False, kv_BSD))
+            self.put_variable("cache", "cached_key", k_BKHS)
+            self.put_variable("cache", "cached_value", v_BKSH)
+        else:
+            cache_len = bias_B1TS.shape[-1]
+            rope = self.rope_base > 0
+            k_BTKH = project("key", k_heads, "kv_heads", rope)
+            v_BTKH = project("value", k_heads, "kv_heads", False)
+            k_BKHS = self._cached("cached_key", _key_layout(k_BTKH), cache_index, cache_len, 3)
+            v_BKSH = self._cached("cached_value", _value_layout(v_BTKH), cache_index, cache_len, 2)
+        return cached_attention(q_BTNH, k_BKHS, v_BKSH, bias_B1TS, self.scale)
+
+    def _cached(
+        self, name: str, new: jax.Array, cache_index: jax.Array, cache_len: int, axis: int
+    ) -> jax.Array:
+        """Write the T new entries (length along `axis`) at `cache_index` of a cache
+        `cache_len` long on that axis; the whole cache, new entries included, is what
+        the queries attend to."""
+        shape = (*new.shape[:axis], cache_len, *new.shape[axis + 1 :])
+        cache = self.variable("cache", name, jnp.zeros, shape, new.dtype)
+        start = [jnp.zeros((), jnp.int32)] * new.ndim
+        start[axis] = jnp.asarray(cache_index, jnp.int32)
+        updated = jax.lax.dynamic_update_slice(cache.value, new, start)
+        axes = KEY_CACHE_AXES if axis == 3 else VALUE_CACHE_AXES
+        cache.value = nn.with_logical_constraint(updated, axes)
+        return cache.value

@@ -6,6 +6,9 @@ the parts (LayerNorm or RMSNorm, GELU or SwiGLU, learned positions or RoPE, grou
 kv heads, biases, tied output, sliding window); `model.family` only fills in those
 left empty. Layers can be stacked with `nn.scan` (one compiled layer, a leading
 `layers` axis on every block param) and wrapped in `nn.remat`.
+
+Decoding (`cache_index` given) runs the same modules over the new tokens only, with
+each layer's keys and values kept in the `cache` collection (see attention.py).
 """
 
 from __future__ import annotations
@@ -15,8 +18,9 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from jaxlm.config import ModelConfig
-from jaxlm.models.attention import SelfAttention, attention_bias, uses_bias
+from jaxlm.models.attention import SelfAttention, attention_bias, cache_bias, uses_bias
 from jaxlm.models.layers import MLPS, logical, make_norm
+from jaxlm.models.rope import rope_scaling
 from jaxlm.models.stack import stack_layers
 
 
@@ -33,6 +37,7 @@ class DecoderBlock(nn.Module):
         bias_B1LL: jax.Array | None,
         positions_BL: jax.Array,
         segment_ids_BL: jax.Array,
+        cache_index: jax.Array | None = None,
     ) -> tuple[jax.Array, None]:
         c = self.config.resolved()
         dtype, param_dtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
@@ -52,10 +57,17 @@ class DecoderBlock(nn.Module):
             n_kv_heads=c.kv_heads,
             use_bias=c.use_bias,
             rope_base=c.rope_base if c.position == "rope" else 0.0,
+            rope_scaling=rope_scaling(c),
             attention=c.attention,
             sliding_window=c.sliding_window,
             name="attn",
-        )(norm("ln_attn")(x_BLD), bias_B1LL, positions_BL, segment_ids_BL)
+        )(
+            norm("ln_attn")(x_BLD),
+            bias_B1LL,
+            positions_BL,
+            segment_ids_BL,
+            cache_index=cache_index,
+        )
         x_BLD = x_BLD + MLPS[c.mlp](
             ff_dim=c.ff_dim,
             out_init_scale=out_scale,
@@ -70,7 +82,14 @@ class DecoderBlock(nn.Module):
 
 
 class Decoder(nn.Module):
-    """Token ids (B, L) -> logits (B, L, V) in fp32."""
+    """Token ids (B, L) -> logits (B, L, V) in fp32.
+
+    Decoding: apply with `mutable=["cache"]`, `cache_index` (the cache slot of the
+    first token; a scalar) and `key_valid_BS` (True at the cache slots that hold real
+    tokens, i.e. not left padding; its length is the cache's). The first call creates
+    the cache; `positions_BL` are then each row's own positions, and the logits are
+    the last position's only, (B, 1, V).
+    """
 
     config: ModelConfig
     deterministic: bool = True
@@ -81,6 +100,8 @@ class Decoder(nn.Module):
         tokens_BL: jax.Array,
         segment_ids_BL: jax.Array | None = None,
         positions_BL: jax.Array | None = None,
+        cache_index: jax.Array | None = None,
+        key_valid_BS: jax.Array | None = None,
     ) -> jax.Array:
         c = self.config.resolved()
         dtype, param_dtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
@@ -110,10 +131,18 @@ class Decoder(nn.Module):
         x = nn.Dropout(c.dropout)(x, deterministic=self.deterministic)
         x = nn.with_logical_constraint(x.astype(dtype), ("batch", "length", "embed"))
         bias = None  # kernels that mask from segment ids skip the (B, 1, L, L) bias
-        if uses_bias(c.attention):
+        if cache_index is not None:
+            assert key_valid_BS is not None, "decoding needs key_valid_BS"
+            bias = cache_bias(key_valid_BS, cache_index, tokens_BL.shape[1], c.sliding_window)
+        elif uses_bias(c.attention):
             bias = attention_bias(segment_ids_BL, causal=True, window=c.sliding_window)
 
-        x = stack_layers(DecoderBlock, c, self.deterministic, x, bias, positions_BL, segment_ids_BL)
+        args = (bias, positions_BL, segment_ids_BL)
+        if cache_index is not None:
+            args = (*args, cache_index)
+        x = stack_layers(DecoderBlock, c, self.deterministic, x, *args)
+        if cache_index is not None:  # decoding samples from the last position only
+            x = x[:, -1:]
 
         x = make_norm(c.norm, c.layer_norm_eps, c.use_bias, dtype, param_dtype, "ln_final")(x)
         if c.tie_embeddings:

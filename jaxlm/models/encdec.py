@@ -18,7 +18,9 @@ relative-bias table, so the layers are not all alike. `remat` still wraps each b
 Dropout, when configured, follows T5 (embeddings, each residual branch, final norm).
 
 `encode`, `decode` and `__call__` are all usable through `model.apply(..., method=...)`;
-masks are (B, L) with 1 (True) at real tokens and 0 at padding.
+masks are (B, L) with 1 (True) at real tokens and 0 at padding. `decode` with a
+`cache_index` decodes incrementally: the decoder's self-attention keys and values and
+the cross-attention's projected encoder output live in the `cache` collection.
 """
 
 from __future__ import annotations
@@ -77,14 +79,15 @@ class RelativePositionBias(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, q_len: int, k_len: int) -> jax.Array:
+    def __call__(self, q_len: int, k_len: int, q_offset: jax.Array | int = 0) -> jax.Array:
+        """`q_offset`: the position of the first query (decoding from a cache)."""
         table = self.param(
             "embedding",
             logical(nn.initializers.normal(self.init_std), ("relpos_buckets", "heads")),
             (self.num_buckets, self.n_heads),
             self.param_dtype,
         )
-        relative = jnp.arange(k_len)[None, :] - jnp.arange(q_len)[:, None]
+        relative = jnp.arange(k_len)[None, :] - (q_offset + jnp.arange(q_len))[:, None]
         buckets = relative_position_bucket(
             relative, self.bidirectional, self.num_buckets, self.max_distance
         )
@@ -113,10 +116,10 @@ class T5Block(nn.Module):
         self_bias_BNLL: jax.Array | None,
         enc_BSD: jax.Array | None,
         cross_bias_B1LS: jax.Array | None,
+        cache_index: jax.Array | None = None,
     ) -> tuple[jax.Array, jax.Array]:
         c = self.config
         dtype, param_dtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
-        length = x_BLD.shape[1]
         if self.owns_relative_bias:
             position_1NLL = RelativePositionBias(
                 c.n_heads,
@@ -126,7 +129,7 @@ class T5Block(nn.Module):
                 init_std=c.d_model**-0.5,
                 param_dtype=param_dtype,
                 name="relpos",
-            )(length, length)
+            )(x_BLD.shape[1], self_mask_B1LL.shape[-1], 0 if cache_index is None else cache_index)
             self_bias_BNLL = jnp.where(self_mask_B1LL, position_1NLL, NEG_INF)
         assert self_bias_BNLL is not None, "the first block owns the relative bias"
 
@@ -149,10 +152,15 @@ class T5Block(nn.Module):
                 name=name,
             )
 
-        x_BLD = x_BLD + attention("self_attn")(norm("ln_self_attn")(x_BLD), self_bias_BNLL)
+        x_BLD = x_BLD + attention("self_attn")(
+            norm("ln_self_attn")(x_BLD), self_bias_BNLL, cache_index=cache_index
+        )
         if enc_BSD is not None:
             x_BLD = x_BLD + attention("cross_attn")(
-                norm("ln_cross_attn")(x_BLD), cross_bias_B1LS, kv_BSD=enc_BSD
+                norm("ln_cross_attn")(x_BLD),
+                cross_bias_B1LS,
+                kv_BSD=enc_BSD,
+                cache_index=cache_index,
             )
         x_BLD = x_BLD + MLPS[c.mlp](
             ff_dim=c.ff_dim,
@@ -184,14 +192,20 @@ class T5Stack(nn.Module):
         mask_BL: jax.Array,
         enc_BSD: jax.Array | None = None,
         enc_mask_BS: jax.Array | None = None,
+        cache_index: jax.Array | None = None,
     ) -> jax.Array:
+        """`mask_BL` masks the keys: the inputs, or with `cache_index` the cache's slots."""
         c = self.config
         dtype, param_dtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
-        length = x_BLD.shape[1]
+        q_len, k_len = x_BLD.shape[1], mask_BL.shape[1]
         keep = mask_BL.astype(bool)
-        self_mask = jnp.broadcast_to(keep[:, None, None, :], (keep.shape[0], 1, length, length))
+        self_mask = jnp.broadcast_to(keep[:, None, None, :], (keep.shape[0], 1, q_len, k_len))
         if self.causal:
-            self_mask = self_mask & jnp.tril(jnp.ones((length, length), bool))[None, None]
+            if cache_index is None:
+                causal = jnp.tril(jnp.ones((q_len, k_len), bool))
+            else:
+                causal = jnp.arange(k_len)[None, :] <= cache_index + jnp.arange(q_len)[:, None]
+            self_mask = self_mask & causal[None, None]
         cross_bias = None
         if enc_BSD is not None:
             assert enc_mask_BS is not None
@@ -204,7 +218,7 @@ class T5Stack(nn.Module):
         bias = None
         for i in range(self.n_layers):
             x_BLD, bias = block(c, self.causal, i == 0, self.deterministic, name=f"layers_{i}")(
-                x_BLD, self_mask, bias, enc_BSD, cross_bias
+                x_BLD, self_mask, bias, enc_BSD, cross_bias, cache_index
             )
         x_BLD = rms_norm(c.layer_norm_eps, dtype, param_dtype, "ln_final")(x_BLD)
         x_BLD = nn.Dropout(c.dropout)(x_BLD, deterministic=self.deterministic)
@@ -264,13 +278,23 @@ class T5(nn.Module):
         enc_BSD: jax.Array,
         src_mask_BS: jax.Array | None = None,
         tgt_mask_BL: jax.Array | None = None,
+        cache_index: jax.Array | None = None,
     ) -> jax.Array:
-        """Logits (B, L, V) in fp32 for the decoder input given the encoder output."""
+        """Logits (B, L, V) in fp32 for the decoder input given the encoder output.
+
+        Decoding: apply with `mutable=["cache"]` and `cache_index` (the cache slot of
+        `tgt_in_BL`'s first token); `tgt_mask_BL` is then required and masks the cache's
+        slots (B, cache length). The first call fills the cross-attention cache from
+        `enc_BSD`; later calls read it (and ignore `enc_BSD`'s values).
+        """
         if src_mask_BS is None:
             src_mask_BS = jnp.ones(enc_BSD.shape[:2], jnp.int32)
         if tgt_mask_BL is None:
+            assert cache_index is None, "decoding needs the cache's slot mask as tgt_mask_BL"
             tgt_mask_BL = jnp.ones_like(tgt_in_BL)
-        x = self.decoder(self._embed(tgt_in_BL), tgt_mask_BL, enc_BSD, src_mask_BS)
+        x = self.decoder(
+            self._embed(tgt_in_BL), tgt_mask_BL, enc_BSD, src_mask_BS, cache_index=cache_index
+        )
         if self.c.tie_embeddings:
             # T5's tied head rescales the decoder output before the shared embedding.
             logits = self.embed.attend(x * self.c.d_model**-0.5)

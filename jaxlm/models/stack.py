@@ -27,7 +27,7 @@ def stack_layers(
     if c.scan_layers:
         stack = nn.scan(
             block,
-            variable_axes={"params": 0},
+            variable_axes={"params": 0, "cache": 0},  # "cache": decoding's KV cache
             split_rngs={"params": True, "dropout": True},
             in_axes=(nn.broadcast,) * len(args),
             length=c.n_layers,

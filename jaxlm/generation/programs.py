@@ -1,0 +1,208 @@
+"""The compiled decoding programs: prefill, then a `lax.while_loop` of one-token steps.
+
+One jitted program per (model, sampling kind, shapes) does all the work on device:
+the prompt pass fills the KV cache, each loop step feeds the previous token, samples
+the next inside the same computation and stops early once every row is done. The cache
+never leaves the program, so XLA updates it in place; nothing returns to the host
+until the end.
+
+Decoder-only prompts are left-padded: row b's `pad_B[b]` leading slots are masked out
+of attention and its positions count from its first real token, so every row writes
+the same cache slot at each step. Encoder-decoder prompts are right-padded encoder
+inputs; the decoder starts every row from the same start token.
+
+Programs compile with jaxlm's XLA options (`jaxlm.runtime`: on CPU, Eigen dots rather
+than YNNPACK, about 1.5x the decoding speed in alternating runs on the tiny config).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from jaxlm.generation.sampling import next_token
+from jaxlm.models.encdec import T5
+from jaxlm.runtime import compiler_options
+
+Cache = Any
+
+
+def decoding_model(model: nn.Module) -> nn.Module:
+    """The same module and params, set up for inference: no remat, deterministic."""
+    config = dataclasses.replace(model.config, remat="none")
+    return model.clone(config=config, deterministic=True)
+
+
+def _stop_hit(window_BM: jax.Array, stops_XM: jax.Array) -> jax.Array:
+    """Does each row's latest tokens end with a stop sequence? Stops are right-aligned
+    in `stops_XM`, -1 where shorter; an all -1 row is no stop."""
+    used = stops_XM >= 0
+    equal = (window_BM[:, None, :] == stops_XM[None]) | ~used[None]
+    return jnp.any(jnp.all(equal, axis=-1) & jnp.any(used, axis=-1)[None], axis=-1)
+
+
+def _decode_loop(
+    first: Callable[[], tuple[jax.Array, Cache]],
+    step: Callable[[Cache, jax.Array, jax.Array], tuple[jax.Array, Cache]],
+    active_B: jax.Array,
+    n_new: int,
+    max_new: jax.Array,
+    eos_E: jax.Array,
+    stops_XM: jax.Array,
+    key: jax.Array,
+    static: tuple[bool, int, bool],
+    temperature: jax.Array,
+    top_p: jax.Array,
+    pad_id: int,
+    return_logits: bool,
+) -> dict[str, jax.Array]:
+    """`first()` gives the logits of the first new token and the filled cache;
+    `step(cache, tokens_B, i)` feeds new token i - 1 and gives the logits of token i.
+    A row is done after it emits an EOS id or ends a stop sequence; later tokens are
+    `pad_id` (Hugging Face's semantics)."""
+    batch = active_B.shape[0]
+
+    def choose(logits_BV, i, done_B, window_BM):
+        token_B = next_token(logits_BV, jax.random.fold_in(key, i), static, temperature, top_p)
+        token_B = jnp.where(done_B, pad_id, token_B)
+        window_BM = jnp.concatenate([window_BM[:, 1:], token_B[:, None]], axis=1)
+        ends = jnp.any(token_B[:, None] == eos_E[None], axis=-1) | _stop_hit(window_BM, stops_XM)
+        return token_B, done_B | ends, window_BM
+
+    logits_BV, cache = first()
+    window_BM = jnp.full((batch, stops_XM.shape[1]), -2, jnp.int32)
+    token_B, done_B, window_BM = choose(logits_BV, 0, ~active_B, window_BM)
+    tokens_BN = jnp.full((batch, n_new), pad_id, jnp.int32).at[:, 0].set(token_B)
+    length_B = active_B.astype(jnp.int32)
+    state = dict(i=jnp.int32(1), tokens=tokens_BN, done=done_B, length=length_B)
+    state.update(cache=cache, window=window_BM)
+    if return_logits:
+        state["logits"] = jnp.zeros((batch, n_new, logits_BV.shape[-1]), jnp.float32)
+        state["logits"] = state["logits"].at[:, 0].set(logits_BV)
+
+    def cond(s):
+        return (s["i"] < max_new) & ~jnp.all(s["done"])
+
+    def body(s):
+        i = s["i"]
+        previous_B = jax.lax.dynamic_index_in_dim(s["tokens"], i - 1, axis=1, keepdims=False)
+        logits_BV, cache = step(s["cache"], previous_B, i)
+        token_B, done_B, window_BM = choose(logits_BV, i, s["done"], s["window"])
+        new = dict(i=i + 1, cache=cache, window=window_BM, done=done_B)
+        new["tokens"] = jax.lax.dynamic_update_index_in_dim(s["tokens"], token_B, i, axis=1)
+        new["length"] = jnp.where(s["done"], s["length"], i + 1)
+        if return_logits:
+            new["logits"] = jax.lax.dynamic_update_index_in_dim(s["logits"], logits_BV, i, 1)
+        return new
+
+    state = jax.lax.while_loop(cond, body, state)
+    out = dict(tokens=state["tokens"], length=state["length"])
+    if return_logits:
+        out["logits"] = state["logits"]
+    return out
+
+
+@functools.cache
+def decoder_program(
+    model: nn.Module, static: tuple[bool, int, bool], pad_id: int, return_logits: bool
+) -> Callable:
+    """jit(run) for a decoder-only model; `n_new` (the token buffer) is static."""
+
+    def run(
+        params, prompt_BP, pad_B, active_B, max_new, eos_E, stops_XM, key, temperature, top_p, n_new
+    ):
+        prompt_len = prompt_BP.shape[1]
+        cache_len = prompt_len + n_new
+        key_valid_BS = jnp.arange(cache_len)[None, :] >= pad_B[:, None]
+
+        def first():
+            positions_BP = jnp.maximum(jnp.arange(prompt_len)[None, :] - pad_B[:, None], 0)
+            logits, variables = model.apply(
+                {"params": params},
+                prompt_BP,
+                positions_BL=positions_BP,
+                cache_index=jnp.int32(0),
+                key_valid_BS=key_valid_BS,
+                mutable=["cache"],
+            )
+            return logits[:, -1], variables["cache"]
+
+        def step(cache, tokens_B, i):
+            slot = prompt_len + i - 1
+            logits, variables = model.apply(
+                {"params": params, "cache": cache},
+                tokens_B[:, None],
+                positions_BL=(slot - pad_B)[:, None],
+                cache_index=slot,
+                key_valid_BS=key_valid_BS,
+                mutable=["cache"],
+            )
+            return logits[:, -1], variables["cache"]
+
+        return _decode_loop(
+            first, step, active_B, n_new, max_new, eos_E, stops_XM, key, static,
+            temperature, top_p, pad_id, return_logits,
+        )  # fmt: skip
+
+    return jax.jit(run, static_argnames=("n_new",), compiler_options=compiler_options())
+
+
+@functools.cache
+def encdec_program(
+    model: nn.Module,
+    static: tuple[bool, int, bool],
+    pad_id: int,
+    start_id: int,
+    return_logits: bool,
+) -> Callable:
+    """jit(run) for an encoder-decoder: encode once, then decode from the start token."""
+
+    def run(
+        params,
+        src_BS,
+        src_mask_BS,
+        active_B,
+        max_new,
+        eos_E,
+        stops_XM,
+        key,
+        temperature,
+        top_p,
+        n_new,
+    ):
+        batch = src_BS.shape[0]
+        enc_BSD = model.apply({"params": params}, src_BS, src_mask_BS, method=T5.encode)
+        slots_BN = jnp.ones((batch, n_new), jnp.int32)
+
+        def decode(variables, tokens_B, slot):
+            logits, variables = model.apply(
+                variables,
+                tokens_B[:, None],
+                enc_BSD,
+                src_mask_BS,
+                slots_BN,
+                cache_index=slot,
+                method=T5.decode,
+                mutable=["cache"],
+            )
+            return logits[:, -1], variables["cache"]
+
+        def first():
+            start_B = jnp.full((batch,), start_id, jnp.int32)
+            return decode({"params": params}, start_B, jnp.int32(0))
+
+        def step(cache, tokens_B, i):
+            return decode({"params": params, "cache": cache}, tokens_B, i)
+
+        return _decode_loop(
+            first, step, active_B, n_new, max_new, eos_E, stops_XM, key, static,
+            temperature, top_p, pad_id, return_logits,
+        )  # fmt: skip
+
+    return jax.jit(run, static_argnames=("n_new",), compiler_options=compiler_options())
