@@ -81,6 +81,13 @@ class ModelConfig:
     mlp: str = ""  # gelu | swiglu
     position: str = ""  # learned (a table of max_len) | rope (from the packed positions)
     rope_base: float = 10000.0
+    # RoPE context extension (Hugging Face `rope_scaling`): "" (none) | linear | llama3;
+    # llama3 also reads the low/high frequency factors and the original context length.
+    rope_scaling: str = ""
+    rope_scaling_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_len: int = 8192
     use_bias: bool | None = None  # in projections and LayerNorm
     tie_embeddings: bool | None = None
     sliding_window: int = 0  # attend to at most this many latest tokens; 0 = all
@@ -97,6 +104,7 @@ class ModelConfig:
     relative_buckets: int = 32
     relative_max_distance: int = 128
     type_vocab_size: int = 2  # bert only: token-type (segment A/B) embedding rows
+    nsp_head: bool = True  # bert only: pooler + next-sentence head (False: MLM only)
 
     def resolved(self) -> ModelConfig:
         """This config with the family's defaults in the empty fields (idempotent)."""
@@ -157,6 +165,23 @@ def validate_model(m: ModelConfig) -> ModelConfig:
             m.head_dim % 2 == 0, "model.n_heads", f"RoPE needs an even head_dim, not {m.head_dim}"
         )
         check(m.rope_base > 1.0, "model.rope_base", "must be > 1")
+        check(
+            m.rope_scaling in ("", "linear", "llama3"),
+            "model.rope_scaling",
+            "must be empty (none), linear or llama3",
+        )
+        check(m.rope_scaling_factor > 0, "model.rope_scaling_factor", "must be positive")
+        check(
+            m.rope_scaling != "llama3" or m.rope_high_freq_factor > m.rope_low_freq_factor > 0,
+            "model.rope_high_freq_factor",
+            "llama3 scaling needs rope_high_freq_factor > rope_low_freq_factor > 0",
+        )
+        check(m.rope_original_max_len > 0, "model.rope_original_max_len", "must be positive")
+    check(
+        m.position == "rope" or not m.rope_scaling,
+        "model.rope_scaling",
+        "scales RoPE, so it needs model.position=rope",
+    )
     check(m.sliding_window >= 0, "model.sliding_window", "must be >= 0 (0 = off)")
     if m.attention in ("flash", "splash"):  # kernel limits; seq_len is checked when traced
         check(

@@ -46,9 +46,7 @@ class Pretrained:
         return iter((self.model, self.params, self.tokenizer, self.config))
 
 
-def abstract_params(
-    config: Config, mesh: jax.sharding.Mesh, rules: shd.Rules
-) -> tuple[Any, Any]:
+def abstract_params(config: Config, mesh: jax.sharding.Mesh, rules: shd.Rules) -> tuple[Any, Any]:
     """(params as ShapeDtypeStructs with shardings, the shardings) for `config.model`."""
     model = build_model(config.model)
     tokens = jnp.zeros((1, min(8, config.model.max_len)), jnp.int32)
@@ -111,6 +109,19 @@ def _restore_params(directory: Path, abstract: Any, what: str) -> Any:
         raise JaxlmError(f"{directory}: cannot restore the params: {first_line}") from None
 
 
+def restore_params(directory: Path, abstract: Any) -> Any:
+    """The params of a model directory (`params/`) or a run directory (its newest
+    checkpoint), restored onto the shardings of `abstract`."""
+    directory = Path(directory)
+    if (directory / PARAMS_DIR).is_dir():
+        return _restore_params((directory / PARAMS_DIR).absolute(), abstract, "params")
+    if (directory / CHECKPOINTS_DIR).is_dir():
+        step = _latest_step(directory / CHECKPOINTS_DIR)
+        state_dir = (directory / CHECKPOINTS_DIR / str(step) / "state").absolute()
+        return _restore_params(state_dir, abstract, "state")
+    raise JaxlmError(f"{directory}: no {PARAMS_DIR}/ or {CHECKPOINTS_DIR}/ with weights")
+
+
 def load_pretrained(
     path: str | Path,
     mesh: MeshConfig | None = None,
@@ -139,14 +150,7 @@ def load_pretrained(
     device_mesh = shd.make_mesh(config.mesh)
     rules = shd.logical_rules(config.mesh)
     abstract, _ = abstract_params(config, device_mesh, rules)
-    if (directory / PARAMS_DIR).is_dir():
-        params = _restore_params((directory / PARAMS_DIR).absolute(), abstract, "params")
-    elif (directory / CHECKPOINTS_DIR).is_dir():
-        step = _latest_step(directory / CHECKPOINTS_DIR)
-        state_dir = (directory / CHECKPOINTS_DIR / str(step) / "state").absolute()
-        params = _restore_params(state_dir, abstract, "state")
-    else:
-        raise JaxlmError(f"{directory}: no {PARAMS_DIR}/ or {CHECKPOINTS_DIR}/ with weights")
+    params = restore_params(directory, abstract)
     tokenizer = load_tokenizer_dir(directory)
     return Pretrained(build_model(config.model), params, tokenizer, config)
 
@@ -158,6 +162,7 @@ def save_pretrained(directory: str | Path, config: Config, params: Any) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     (directory / CONFIG_FILE).write_text(to_yaml(config))
     target = directory / PARAMS_DIR
+    params = nn.meta.unbox(params)  # straight from `init`, params carry logical boxes
     with ocp.PyTreeCheckpointer() as checkpointer:
         checkpointer.save(target, args=ocp.args.PyTreeSave(params), force=True)
     return directory

@@ -86,7 +86,9 @@ class BertEncoder(nn.Module):
     """BertModel: embeddings (token + position + token type, then LayerNorm), post-LN
     blocks and the pooler (dense + tanh on the first, [CLS], token).
 
-    Returns (hidden (B, L, D), pooled (B, D)) in the compute dtype.
+    Returns (hidden (B, L, D), pooled (B, D)) in the compute dtype; pooled is None
+    without the NSP head (`model.nsp_head=false`, Hugging Face's `BertForMaskedLM`,
+    which has no pooler either).
     """
 
     config: ModelConfig
@@ -99,7 +101,7 @@ class BertEncoder(nn.Module):
         token_type_ids_BL: jax.Array | None = None,
         segment_ids_BL: jax.Array | None = None,
         positions_BL: jax.Array | None = None,
-    ) -> tuple[jax.Array, jax.Array]:
+    ) -> tuple[jax.Array, jax.Array | None]:
         c = self.config.resolved()
         dtype, param_dtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
         if token_type_ids_BL is None:  # everything is sentence A
@@ -123,6 +125,8 @@ class BertEncoder(nn.Module):
 
         bias = attention_bias(segment_ids_BL, causal=False)
         x = stack_layers(EncoderBlock, c, self.deterministic, x, bias, positions_BL)
+        if not c.nsp_head:
+            return x, None
 
         # A D -> D dense can't name both axes `embed` (flax maps a name once per array):
         # its output is named `mlp`, column-parallel under tensor like an MLP's fc_in.
@@ -174,6 +178,9 @@ class BertForPreTraining(nn.Module):
     MLM: dense + GELU + LayerNorm, then the token table transposed (tied) plus an
     output bias. NSP: a 2-way classifier on the pooled [CLS] vector.
     `segment_ids_BL` is 0 on padding (an attention mask of 0/1 works as is).
+    With `model.nsp_head=false` (a `BertForMaskedLM` checkpoint) there is no pooler or
+    NSP head and the result is the 1-tuple `(mlm_logits,)`: MLM logits always come
+    first, NSP logits second only when the head exists.
     """
 
     config: ModelConfig
@@ -186,8 +193,9 @@ class BertForPreTraining(nn.Module):
         token_type_ids_BL: jax.Array | None = None,
         segment_ids_BL: jax.Array | None = None,
         positions_BL: jax.Array | None = None,
-    ) -> tuple[jax.Array, jax.Array]:
-        """Returns (mlm_logits (B, L, V), nsp_logits (B, 2)), both fp32."""
+    ) -> tuple[jax.Array, ...]:
+        """Returns (mlm_logits (B, L, V), nsp_logits (B, 2)), both fp32; (mlm_logits,)
+        without the NSP head."""
         c = self.config.resolved()
         dtype, param_dtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
         kw = dict(dtype=dtype, param_dtype=param_dtype)
@@ -196,6 +204,8 @@ class BertForPreTraining(nn.Module):
 
         table_VD = nn.meta.unbox(encoder.variables["params"]["embed"]["embedding"])
         logits = MlmHead(c, name="mlm")(x_BLD, table_VD)
+        if pooled_BD is None:
+            return (logits.astype(jnp.float32),)
 
         nsp = EinsumDense(
             "bd,dc->bc", (c.d_model, 2), ("embed", "classes"), ("classes",), **kw, name="nsp"

@@ -1,0 +1,203 @@
+"""Hugging Face checkpoints in and out: GPT-2, Llama and BERT.
+
+- `load_hf_pretrained(HF_DIR)`: a Hugging Face directory (`config.json`,
+  `*.safetensors`, a tokenizer) as `model, params, tokenizer, config`, streamed tensor
+  by tensor onto the mesh;
+- `convert_from_hf(HF_DIR, OUT)`: the same, written as a jaxlm model directory
+  (`config.yaml`, tokenizer, `params/`) that `jaxlm train` (`init_from=OUT`),
+  `load_pretrained` and the CLI take as is;
+- `convert_to_hf(RUN_OR_MODEL_DIR, OUT)`: `config.json`, `model.safetensors` (sharded
+  with an index past `max_shard_bytes`) and tokenizer files that transformers loads.
+
+Only numpy, safetensors and tokenizers are needed: no torch, no transformers. Each
+architecture module (gpt2.py, llama.py, bert.py) holds the config.json <-> ModelConfig
+mapping and the tensor `Link`s; links.py does the reading and writing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from jaxlm import sharding as shd
+from jaxlm.config import Config, MeshConfig, ModelConfig, TokenizerConfig, TrainConfig, validate
+from jaxlm.errors import JaxlmError
+from jaxlm.hf import bert, gpt2, llama
+from jaxlm.hf.hf_config import CONFIG_JSON, read_hf_config
+from jaxlm.hf.links import check_tensors, hf_tensors, load_params
+from jaxlm.hf.safetensors_io import DEFAULT_SHARD_BYTES, TensorReader, write_safetensors
+from jaxlm.models import build_model
+
+__all__ = ["convert_from_hf", "convert_to_hf", "load_hf_pretrained", "read_hf_params"]
+
+ARCHITECTURES: dict[str, ModuleType] = {m.MODEL_TYPE: m for m in (gpt2, llama, bert)}
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+# A model directory's tokenizer: sentencepiece first, as `load_tokenizer_dir` reads it.
+TOKENIZER_CHOICES = ("tokenizer.model", "tokenizer.json")
+ARCHITECTURE_FIELDS = ("family", "norm", "mlp", "position", "use_bias", "tie_embeddings")
+
+
+def architecture_for(hf: dict[str, Any]) -> ModuleType:
+    """The mapping module for a config.json; one error for anything else."""
+    model_type = hf.get("model_type")
+    if model_type not in ARCHITECTURES:
+        raise JaxlmError(
+            f"config.json: model_type {model_type!r} is not supported "
+            f"(jaxlm converts {', '.join(ARCHITECTURES)})"
+        )
+    module = ARCHITECTURES[model_type]
+    for name in hf.get("architectures") or []:
+        if name not in module.ARCHITECTURES:
+            raise JaxlmError(
+                f"config.json: architecture {name} is not supported "
+                f"(for {model_type}, jaxlm converts {', '.join(module.ARCHITECTURES)})"
+            )
+    return module
+
+
+def architecture_of(m: ModelConfig) -> ModuleType:
+    """The Hugging Face architecture a jaxlm model is exactly, for export."""
+    for module in (bert,) if m.family == "bert" else (gpt2, llama):
+        if module.fits(m):
+            return module
+    parts = f"norm={m.norm} mlp={m.mlp} position={m.position} use_bias={m.use_bias}"
+    raise JaxlmError(
+        f"model.family {m.family} with {parts}, n_kv_heads={m.kv_heads}, "
+        f"sliding_window={m.sliding_window} is none of the exportable architectures "
+        "(GPT-2, Llama, BERT)"
+    )
+
+
+def read_hf_params(directory: str | Path, model: ModelConfig, abstract: Any) -> Any:
+    """The params of a Hugging Face directory for the jaxlm model `model`, placed on the
+    shardings of `abstract`; every tensor's name and shape is checked first."""
+    hf = read_hf_config(directory)
+    module = architecture_for(hf)
+    source = module.config_from_hf(hf).resolved()
+    m = model.resolved()
+    for key in ARCHITECTURE_FIELDS:
+        if getattr(source, key) != getattr(m, key):
+            raise JaxlmError(
+                f"{directory}: model.{key} is {getattr(source, key)!r} in the checkpoint, "
+                f"{getattr(m, key)!r} in the model"
+            )
+    links = module.links(m)
+    with TensorReader(directory, module.rename) as reader:
+        check_tensors(
+            reader,
+            links,
+            abstract,
+            m.n_layers,
+            m.scan_layers,
+            lambda name: module.ignored(name, m),
+        )
+        return load_params(reader, links, abstract, m.n_layers, m.scan_layers)
+
+
+def _tokenizer_file(directory: Path) -> Path | None:
+    for name in TOKENIZER_CHOICES:
+        if (directory / name).is_file():
+            return directory / name
+    return None
+
+
+def imported_config(model: ModelConfig, name: str, tokenizer_path: str = "") -> Config:
+    """A full, trainable jaxlm config around an imported model."""
+    return validate(
+        Config(
+            name=name,
+            model=model,
+            tokenizer=TokenizerConfig(path=tokenizer_path, vocab_size=model.vocab_size),
+            train=TrainConfig(seq_len=min(TrainConfig.seq_len, model.max_len)),
+        )
+    )
+
+
+def load_hf_pretrained(hf_dir: str | Path, mesh: MeshConfig | None = None):
+    """`model, params, tokenizer, config` of a Hugging Face directory (a
+    `jaxlm.pretrained.Pretrained`); tokenizer is None when the directory has none."""
+    from jaxlm.pretrained import Pretrained, abstract_params, load_tokenizer_dir
+
+    hf_dir = Path(hf_dir)
+    hf = read_hf_config(hf_dir)
+    model = architecture_for(hf).config_from_hf(hf)
+    tokenizer_file = _tokenizer_file(hf_dir)
+    config = imported_config(
+        model, hf_dir.name, str(tokenizer_file.absolute() if tokenizer_file else "")
+    )
+    if mesh is not None:
+        config = config.replace(mesh=mesh)
+    device_mesh, rules = shd.make_mesh(config.mesh), shd.logical_rules(config.mesh)
+    abstract, _ = abstract_params(config, device_mesh, rules)
+    params = read_hf_params(hf_dir, config.model, abstract)
+    tokenizer = load_tokenizer_dir(hf_dir) if tokenizer_file else None
+    return Pretrained(build_model(config.model), params, tokenizer, config)
+
+
+def convert_from_hf(hf_dir: str | Path, out_dir: str | Path) -> Path:
+    """Write a Hugging Face directory as a jaxlm model directory; returns it."""
+    from jaxlm.pretrained import save_pretrained
+
+    hf_dir, out_dir = Path(hf_dir), Path(out_dir).absolute()
+    architecture_for(read_hf_config(hf_dir))  # a bad directory fails before anything else
+    tokenizer_file = _tokenizer_file(hf_dir)
+    if tokenizer_file is None:
+        raise JaxlmError(f"{hf_dir}: no tokenizer (expected {' or '.join(TOKENIZER_CHOICES)})")
+    _, params, _, config = load_hf_pretrained(hf_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    names = (tokenizer_file.name,)
+    if tokenizer_file.name == "tokenizer.json":
+        names = HF_TOKENIZER_FILES
+    for name in names:
+        if (hf_dir / name).is_file():
+            shutil.copyfile(hf_dir / name, out_dir / name)
+    tokenizer = dataclasses.replace(config.tokenizer, path=str(out_dir / tokenizer_file.name))
+    config = dataclasses.replace(config, tokenizer=tokenizer)
+    save_pretrained(out_dir, config, params)
+    return out_dir
+
+
+def _token_ids(tokenizer: Any) -> dict[str, int]:
+    if tokenizer is None:
+        return {}
+    ids = {
+        "bos_token_id": tokenizer.bos_id(),
+        "eos_token_id": tokenizer.eos_id(),
+        "pad_token_id": tokenizer.pad_id(),
+    }
+    return {key: value for key, value in ids.items() if value >= 0}
+
+
+def _export_tokenizer(source: Path, out_dir: Path, max_len: int) -> None:
+    from jaxlm.hf.spm_export import export_sentencepiece
+
+    if (source / "tokenizer.model").is_file():
+        export_sentencepiece(source / "tokenizer.model", out_dir, max_len)
+        shutil.copyfile(source / "tokenizer.model", out_dir / "tokenizer.model")
+        return
+    for name in HF_TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, out_dir / name)
+
+
+def convert_to_hf(
+    path: str | Path, out_dir: str | Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES
+) -> Path:
+    """Write a jaxlm run or model directory as a Hugging Face directory; returns it."""
+    from jaxlm.pretrained import load_pretrained
+
+    path, out_dir = Path(path), Path(out_dir)
+    _, params, tokenizer, config = load_pretrained(path)
+    m = config.model.resolved()
+    module = architecture_of(m)
+    hf = {**module.config_to_hf(m), **_token_ids(tokenizer), "dtype": m.param_dtype}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = hf_tensors(module.links(m), params, m.n_layers, m.scan_layers)
+    write_safetensors(tensors, out_dir, max_shard_bytes)
+    (out_dir / CONFIG_JSON).write_text(json.dumps(hf, indent=2) + "\n")
+    _export_tokenizer(path, out_dir, m.max_len)
+    return out_dir

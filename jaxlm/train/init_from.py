@@ -1,0 +1,84 @@
+"""Fine-tuning: `init_from` starts a run from another model's weights instead of init.
+
+`init_from` names a run or model directory (what `jaxlm train` and `jaxlm convert
+from-hf` write) or `hf:PATH`, a Hugging Face directory read directly. The weights are
+restored onto the training state's own shardings; their shapes must be those of the
+run's model, and a difference is one error naming the parameter.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from jaxlm.config import Config, ModelConfig, load_config
+from jaxlm.errors import ConfigError, JaxlmError
+from jaxlm.models import build_model
+
+HF_PREFIX = "hf:"
+
+
+def _source(config: Config) -> tuple[bool, Path]:
+    """(is a Hugging Face directory, the directory) of `init_from`."""
+    spec = config.init_from
+    if spec.startswith(HF_PREFIX):
+        return True, Path(spec[len(HF_PREFIX) :])
+    return False, Path(spec)
+
+
+def check_init_from(config: Config) -> None:
+    """Refuse an `init_from` that names nothing loadable, before any work."""
+    if not config.init_from:
+        return
+    is_hf, directory = _source(config)
+    wanted = "config.json" if is_hf else "config.yaml"
+    if not (directory / wanted).is_file():
+        kind = "a Hugging Face directory" if is_hf else "a run or model directory"
+        raise ConfigError("init_from", f"{directory} is not {kind} (no {wanted})")
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(str(k.key) for k in path): tuple(leaf.shape) for path, leaf in flat}
+
+
+def _param_shapes(model: ModelConfig) -> dict[str, tuple[int, ...]]:
+    module = build_model(model)
+    tokens = jnp.zeros((1, min(8, model.max_len)), jnp.int32)
+    boxed = jax.eval_shape(lambda r: module.init(r, tokens)["params"], jax.random.PRNGKey(0))
+    return _shapes(nn.meta.unbox(boxed))
+
+
+def check_same_shapes(source: dict[str, tuple], target: dict[str, tuple], where: Path) -> None:
+    """One error naming the first parameter the two models don't share."""
+    for path in sorted(set(source) | set(target)):
+        if path not in source:
+            raise JaxlmError(f"init_from {where}: it has no parameter {path} (the model has)")
+        if path not in target:
+            raise JaxlmError(f"init_from {where}: its parameter {path} is not in the model")
+        if source[path] != target[path]:
+            raise JaxlmError(
+                f"init_from {where}: parameter {path} has shape {source[path]} there, "
+                f"{target[path]} in this run's model"
+            )
+
+
+def load_init_params(config: Config, params: Any) -> Any:
+    """The weights named by `config.init_from`, on the shardings of `params` (the
+    freshly initialised ones, which they replace)."""
+    from jaxlm.hf import read_hf_params
+    from jaxlm.pretrained import CONFIG_FILE, restore_params
+
+    abstract = jax.tree_util.tree_map(
+        lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=p.sharding), params
+    )
+    is_hf, directory = _source(config)
+    if is_hf:  # names and shapes are checked tensor by tensor while reading
+        return read_hf_params(directory, config.model, abstract)
+    source = load_config(directory / CONFIG_FILE).model
+    check_same_shapes(_param_shapes(source), _shapes(abstract), directory)
+    return restore_params(directory, abstract)
