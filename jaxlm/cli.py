@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from jaxlm.errors import JaxlmError, NonFiniteLoss
 from jaxlm.train.preemption import PREEMPTED_EXIT_CODE, Preempted
@@ -31,7 +30,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     config_path, overrides = _split_overrides(args.config)
     config = load_config(config_path, overrides)
     distributed.initialize(config.distributed)  # before anything asks JAX for devices
-    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir(config)
+    run_dir = args.run_dir or default_run_dir(config)  # a local path or gs://
     result = train(config, run_dir, progress=not args.no_progress)
     if jax.process_index() != 0:
         return 0  # multi-host: process 0 speaks for the run
@@ -39,6 +38,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     if "eval_loss" in last:
         print(
             f"step {last['step']}: train loss {last['loss']:.4f}, eval loss {last['eval_loss']:.4f}"
+        )
+    if "eval_mlm_accuracy" in last:  # bert
+        print(
+            f"eval masked-token accuracy {last['eval_mlm_accuracy']:.4f}, "
+            f"NSP accuracy {last['eval_nsp_accuracy']:.4f}"
         )
     print(f"run directory: {run_dir}")
     if result.sample:
@@ -87,6 +91,118 @@ def cmd_compile(args: argparse.Namespace) -> int:
     return 0 if report.fits else 1
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from jaxlm.hf import convert_from_hf, convert_to_hf
+
+    if args.config:  # key=value words argparse let through
+        raise JaxlmError(f"convert takes no overrides: {' '.join(args.config)}")
+    if args.direction == "from-hf":
+        out = convert_from_hf(args.source, args.out)
+        print(f"wrote {out}: config.yaml, tokenizer, params/ (train with init_from={out})")
+    else:
+        if args.max_shard_mb <= 0:
+            raise JaxlmError(f"--max-shard-mb {args.max_shard_mb}: must be positive")
+        out = convert_to_hf(args.source, args.out, args.max_shard_mb * 2**20)
+        print(f"wrote {out}: config.json, safetensors, tokenizer files")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from jaxlm.data.pipeline import split_documents
+    from jaxlm.data.seq2seq import read_pairs
+    from jaxlm.data.tasks import read_examples
+    from jaxlm.evaluation import (
+        evaluate_model,
+        format_table,
+        generate_texts,
+        overlap_scores,
+        write_json,
+    )
+    from jaxlm.pretrained import load_pretrained
+
+    for flag in ("batch_size", "max_new_tokens"):
+        if getattr(args, flag) < 1:
+            raise JaxlmError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be positive")
+    if args.predictions:  # scores of given outputs: no model needed
+        pairs = read_pairs(args.predictions, args.prediction_field, args.reference_field)
+        results = overlap_scores([p for p, _ in pairs], [r for _, r in pairs])
+        title = f"{args.predictions}"
+    elif not args.model:
+        raise JaxlmError("eval needs a MODEL (run, model or HF directory), or --predictions")
+    else:
+        pretrained = load_pretrained(args.model, overrides=args.config)
+        config = pretrained.config
+        if args.pairs:
+            pairs = read_pairs(args.pairs, args.source_field, args.reference_field)
+            if args.max_examples:
+                pairs = pairs[: args.max_examples]
+            outputs = generate_texts(
+                pretrained,
+                [s for s, _ in pairs],
+                max_new_tokens=args.max_new_tokens,
+                batch_size=args.batch_size,
+            )
+            results = overlap_scores(outputs, [r for _, r in pairs])
+            title = f"{args.model} on {args.pairs} (greedy, {args.max_new_tokens} new tokens)"
+        else:
+            path = args.data or config.data.path
+            examples = read_examples(config.replace(data={"path": path}))
+            if not args.data:  # the run's own held-out split, as in training
+                examples = split_documents(examples, config.data.eval_fraction)[1]
+            results = evaluate_model(
+                pretrained,
+                examples,
+                batch_size=args.batch_size,
+                seq_len=args.seq_len,
+                max_batches=args.max_batches,
+            )
+            title = f"{args.model} on {path}" + ("" if args.data else " (held-out split)")
+    print(format_table(results, title))
+    if args.json:
+        write_json(results, args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from jaxlm.pipeline import pipeline
+
+    prompts = list(args.prompt or [])
+    if args.prompt_file:
+        path = Path(args.prompt_file)
+        if not path.is_file():
+            raise JaxlmError(f"--prompt-file {path}: no such file")
+        prompts += [line for line in path.read_text(encoding="utf-8").splitlines() if line]
+    if not prompts:
+        raise JaxlmError("generate needs --prompt TEXT or --prompt-file FILE")
+    if args.max_new_tokens < 1:
+        raise JaxlmError(f"--max-new-tokens {args.max_new_tokens}: must be positive")
+    greedy = args.greedy or args.temperature <= 0
+    if not greedy and not 0 < args.top_p <= 1:
+        raise JaxlmError(f"--top-p {args.top_p}: must be in (0, 1]")
+    generator = pipeline(None, args.model, overrides=args.config)  # the task by the model
+    outputs = generator(
+        prompts,
+        max_new_tokens=args.max_new_tokens,
+        do_sample=not greedy,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop_strings=args.stop or (),
+    )
+    for i, (prompt, rows) in enumerate(zip(prompts, outputs, strict=True)):
+        text = rows[0]["generated_text"]
+        if args.json:
+            print(json.dumps({"prompt": prompt, "generated_text": text}, ensure_ascii=False))
+        else:
+            print(("\n---\n" if i else "") + text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxlm", description="Train language models with JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -115,6 +231,52 @@ def build_parser() -> argparse.ArgumentParser:
     aot.add_argument("--topology", required=True, help="e.g. v5p-128, v5e-16, v5e-2x2")
     aot.add_argument("--slices", type=int, default=1, help="multislice: number of slices")
     aot.set_defaults(func=cmd_compile)
+
+    ev = sub.add_parser(
+        "eval", help="perplexity, bits/byte, MLM accuracy, BLEU and ROUGE of a model"
+    )
+    ev.add_argument("model", nargs="?", help="run, model or Hugging Face directory")
+    what = ev.add_mutually_exclusive_group()
+    what.add_argument(
+        "--data", help="text set for loss metrics (default: the run's held-out split)"
+    )
+    what.add_argument("--pairs", help="JSONL of source/reference pairs: generate, then BLEU/ROUGE")
+    what.add_argument("--predictions", help="JSONL of prediction/reference pairs: BLEU/ROUGE only")
+    ev.add_argument("--json", help="also write the results to this JSON file")
+    ev.add_argument("--batch-size", type=int, default=8)
+    ev.add_argument("--seq-len", type=int, default=0, help="0 = the training length")
+    ev.add_argument("--max-batches", type=int, default=0, help="0 = the whole set")
+    ev.add_argument("--max-examples", type=int, default=0, help="--pairs: 0 = all")
+    ev.add_argument("--max-new-tokens", type=int, default=64)
+    ev.add_argument("--source-field", default="src")
+    ev.add_argument("--reference-field", default="tgt")
+    ev.add_argument("--prediction-field", default="prediction")
+    ev.set_defaults(func=cmd_eval, config=[])
+
+    gen = sub.add_parser("generate", help="continue prompts with a trained or converted model")
+    gen.add_argument("model", help="run, model or Hugging Face directory")
+    gen.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    gen.add_argument("--prompt-file", help="a file of prompts, one a line")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    gen.add_argument("--top-k", type=int, default=40, help="0 = off")
+    gen.add_argument("--top-p", type=float, default=1.0, help="1.0 = off")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--greedy", action="store_true", help="argmax instead of sampling")
+    gen.add_argument("--stop", action="append", help="end a text after this string (repeatable)")
+    gen.add_argument("--json", action="store_true", help="one JSON object per prompt")
+    gen.set_defaults(func=cmd_generate, config=[])
+
+    convert = sub.add_parser("convert", help="Hugging Face checkpoints in and out")
+    conv_sub = convert.add_subparsers(dest="direction", required=True)
+    from_hf = conv_sub.add_parser("from-hf", help="HF directory -> jaxlm model directory")
+    from_hf.add_argument("source", help="Hugging Face directory (config.json, *.safetensors)")
+    to_hf = conv_sub.add_parser("to-hf", help="jaxlm run or model directory -> HF directory")
+    to_hf.add_argument("source", help="run directory or model directory")
+    to_hf.add_argument("--max-shard-mb", type=int, default=5120, help="safetensors shard size")
+    for conv in (from_hf, to_hf):
+        conv.add_argument("out", help="output directory")
+        conv.set_defaults(func=cmd_convert, config=[])
     return parser
 
 
