@@ -1,14 +1,17 @@
 """Training speed of jaxlm beside the PyTorch reference, alternating, in one run.
 
 Both sides train the same GPT-2 (same sizes, vocab, batch, sequence, fp32, AdamW with
-clipping) on random tokens; each run is a fresh subprocess, and the runs alternate
-jaxlm, torch, jaxlm, torch... so machine noise hits both. Prints a table and JSON:
-tokens/s (median, min, max), step time, MFU against the fp32 matmul peak measured in
-the same process, compile/warm-up time, and the ratio jaxlm / reference per pair.
+betas (0.9, 0.95), eps 1e-8, weight decay 0.1 on matrices, clipping to norm 1.0,
+constant lr 3e-4) on random tokens; each run is a fresh subprocess, and the runs
+alternate jaxlm, reference, jaxlm, reference... so machine noise hits both. Every step
+ends on a host read of the loss on both sides (the reference's `loss.item()`).
 
-    python benchmarks/train_speed.py --config tiny [--repeats 2] [--json out.json]
+    python benchmarks/train_speed.py --config tiny [--repeats 3] [--compile] [--json out.json]
 
-FLOPs per token are the reference's formula: 6 (N_nonembedding + V d) + 12 L d T.
+FLOPs per token are the reference's formula (common.FLOPS_FORMULA). MFU is against the
+fp32 matmul peak measured in the same run: each process measures its own library's
+2048^3 matmul before and after its steps, and the run's peak is the highest of them.
+Compile time is the first (warm-up) step's time less the median step.
 """
 
 from __future__ import annotations
@@ -16,29 +19,32 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-REFERENCE = REPO.parent / "shared" / "bench" / "torch_gpt_reference.py"
-CONFIGS = {
-    "tiny": dict(d_model=256, n_layers=4, n_heads=4, seq_len=256, batch=8, vocab=8192),
-    "gpt2-small": dict(d_model=768, n_layers=12, n_heads=12, seq_len=1024, batch=2, vocab=50304),
-}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_common import (
+    CONFIGS,
+    FLOPS_FORMULA,
+    REFERENCE,
+    flops_per_token,
+    peak_rss_mb,
+    python,
+    run_json,
+    summary,
+    xla_matmul_peak_gflops,
+)
+
+# jaxlm's settings for this run beyond the shared shape; everything else is jaxlm's
+# default (see benchmarks/README.md for what each one is worth).
+JAXLM_SETTINGS: list[str] = []
 
 
-def flops_per_token(c: dict) -> float:
-    d, n_layers, vocab, t = c["d_model"], c["n_layers"], c["vocab"], c["seq_len"]
-    non_embedding = n_layers * (12 * d * d + 13 * d) + 2 * d
-    return 6 * (non_embedding + vocab * d) + 12 * n_layers * d * t
-
-
-def jax_worker(c: dict, steps: int, warmup: int) -> dict:
-    """One jaxlm measurement, in this (fresh) process."""
+def jax_worker(c: dict, steps: int, warmup: int, settings: list[str], peak_n: int) -> dict:
+    """One jaxlm measurement, in this (fresh) process, on one device."""
     import jax
-    import jax.numpy as jnp
     import numpy as np
 
     from jaxlm import sharding as shd
@@ -59,19 +65,26 @@ def jax_worker(c: dict, steps: int, warmup: int) -> dict:
             f"train.seq_len={c['seq_len']}",
             f"train.batch_size={c['batch']}",
             "optim.lr=3e-4",
+            "optim.b1=0.9",
+            "optim.b2=0.95",
+            "optim.eps=1e-8",
+            "optim.weight_decay=0.1",
+            "optim.grad_clip=1.0",
             "optim.warmup_steps=0",
             "optim.min_lr_ratio=1.0",
             "mesh.data=1",
+            *settings,
         ],
     )
     mesh = shd.make_mesh(config.mesh, jax.devices()[:1])
     rules = shd.logical_rules(config.mesh)
     model = build_model(config.model)
-    tx = make_optimizer(config.optim, steps + warmup)
+    total = steps + warmup
+    tx = make_optimizer(config.optim, total)
     _, shardings = state_shardings(model, tx, c["seq_len"], mesh, rules)
     state = init_state(model, tx, c["seq_len"], shardings, jax.random.PRNGKey(0), mesh, rules)
     step_fn, _ = jit_steps(
-        make_train_step(model, tx, make_schedule(config.optim, steps + warmup)),
+        make_train_step(model, tx, make_schedule(config.optim, total)),
         make_eval_step(model),
         shardings,
         mesh,
@@ -79,121 +92,164 @@ def jax_worker(c: dict, steps: int, warmup: int) -> dict:
     )
     rng = np.random.default_rng(1)
     shape = (c["batch"], c["seq_len"])
+    data = shd.batch_sharding(mesh, rules)
 
     def batch():
         tokens = rng.integers(0, c["vocab"], (shape[0], shape[1] + 1)).astype(np.int32)
-        return {
+        host = {
             "inputs": tokens[:, :-1],
             "targets": tokens[:, 1:],
             "segment_ids": np.ones(shape, np.int32),
             "positions": np.broadcast_to(np.arange(shape[1], dtype=np.int32), shape),
         }
+        return {k: jax.device_put(v, data) for k, v in host.items()}
 
-    def peak_gflops(n: int = 1024) -> float:
-        a = jnp.ones((n, n), jnp.float32)
-        mm = jax.jit(lambda x: x @ x)
-        mm(a).block_until_ready()
-        times = []
-        for _ in range(10):
-            t = time.perf_counter()
-            mm(a).block_until_ready()
-            times.append(time.perf_counter() - t)
-        return 2 * n**3 / statistics.median(times) / 1e9
-
-    peak = peak_gflops()
-    t0 = time.perf_counter()
-    for _ in range(warmup):
-        state, metrics = step_fn(state, batch())
-        metrics["loss"].block_until_ready()
-    warm = time.perf_counter() - t0
-    times, losses = [], []
-    for _ in range(steps):
+    quick = dict(samples=2, min_sample_s=0.02) if peak_n < 1024 else {}  # --smoke's
+    peak_before = xla_matmul_peak_gflops(peak_n, **quick)
+    losses, warm_times, times = [], [], []
+    for i in range(warmup + steps):
         b = batch()
         t = time.perf_counter()
         state, metrics = step_fn(state, b)
         losses.append(float(metrics["loss"]))
-        times.append(time.perf_counter() - t)
-    peak = max(peak, peak_gflops())
-    tokens = shape[0] * shape[1]
-    tps = tokens / statistics.median(times)
+        (warm_times if i < warmup else times).append(time.perf_counter() - t)
+    peak_after = xla_matmul_peak_gflops(peak_n, **quick)
+    return measurement(c, times, warm_times, losses, max(peak_before, peak_after))
+
+
+def measurement(c, times, warm_times, losses, peak) -> dict:
+    tokens = c["batch"] * c["seq_len"]
+    st = summary(times)
+    tps = tokens / st["median"]
     return {
         "tokens_per_sec": tps,
-        "tokens_per_sec_min": tokens / max(times),
-        "tokens_per_sec_max": tokens / min(times),
-        "step_time_ms": statistics.median(times) * 1e3,
-        "warmup_seconds": warm,
+        "tokens_per_sec_min": tokens / st["max"],
+        "tokens_per_sec_max": tokens / st["min"],
+        "step_time_ms": st["median"] * 1e3,
+        "warmup_step_times_ms": [t * 1e3 for t in warm_times],
         "peak_gflops_used": peak,
         "mfu_vs_measured_peak": flops_per_token(c) * tps / (peak * 1e9),
         "loss_first": losses[0],
         "loss_last": losses[-1],
+        "peak_rss_mb": peak_rss_mb(),
     }
 
 
-def run(cmd: list[str]) -> dict:
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-    if out.returncode != 0:
-        raise SystemExit(f"benchmark run failed: {' '.join(cmd)}\n{out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def compile_seconds(result: dict) -> float:
+    """First warm-up step less a steady step: tracing and compiling (torch.compile's too)."""
+    return max(result["warmup_step_times_ms"][0] - result["step_time_ms"], 0.0) / 1e3
+
+
+def commands(
+    name: str, steps: int, warmup: int, threads: int, settings: list[str], peak_n: int = 2048
+) -> tuple[list[str], dict[str, list[str]]]:
+    """The jaxlm worker's command line, and the reference's per mode (eager, compiled)."""
+    c = CONFIGS[name]
+    jax_cmd = [python(), __file__, "--worker", "--config", name]
+    jax_cmd += ["--steps", str(steps), "--warmup-steps", str(warmup)]
+    jax_cmd += [f"--set={s}" for s in settings] + ["--peak-n", str(peak_n)]
+    ref_cmd = [python(), str(REFERENCE), "--threads", str(threads), "--peak-n", str(peak_n)]
+    ref_cmd += ["--steps", str(steps), "--warmup-steps", str(warmup)]
+    for key in ("d_model", "n_layers", "n_heads", "seq_len", "batch", "vocab"):
+        ref_cmd += [f"--{key.replace('_', '-')}", str(c[key])]
+    ref_cmd += ["--lr", "3e-4", "--weight-decay", "0.1", "--grad-clip", "1.0"]
+    return jax_cmd, {"eager": ref_cmd, "compiled": [*ref_cmd, "--compile"]}
+
+
+def compare(
+    name: str,
+    repeats: int = 2,
+    steps: int = 10,
+    warmup: int = 2,
+    threads: int = 2,
+    modes: tuple[str, ...] = ("eager",),
+    settings: list[str] | None = None,
+    peak_n: int = 2048,
+    log=print,
+) -> dict:
+    """`repeats` rounds of jaxlm, then the reference in each of `modes` (eager, compiled),
+    each a fresh process; ratios are taken within a round (jaxlm / that round's
+    reference), and summarised over rounds. `modes` () runs jaxlm alone."""
+    settings = JAXLM_SETTINGS if settings is None else settings
+    jax_cmd, ref_cmds = commands(name, steps, warmup, threads, settings, peak_n)
+    rounds = []
+    for i in range(repeats):
+        jx = run_json(jax_cmd)
+        jx["compile_s"] = compile_seconds(jx)
+        rnd = {"jaxlm": jx}
+        line = f"  {name} round {i + 1}: jaxlm {jx['tokens_per_sec']:7.0f} tok/s"
+        for mode in modes:
+            ref = run_json(ref_cmds[mode])
+            ref["compile_s"] = compile_seconds(ref)
+            rnd[mode] = ref
+            rnd[f"ratio_{mode}"] = jx["tokens_per_sec"] / ref["tokens_per_sec"]
+            line += (
+                f" | reference {mode} {ref['tokens_per_sec']:7.0f} (x{rnd[f'ratio_{mode}']:.2f})"
+            )
+        rounds.append(rnd)
+        log(line)
+    # One peak for the whole run: the fastest fp32 matmul any process measured.
+    sides = ("jaxlm", *modes)
+    peak = max(r[side]["peak_gflops_used"] for r in rounds for side in sides)
+    fpt = flops_per_token(CONFIGS[name])
+    out = {
+        "config": name,
+        "shape": CONFIGS[name],
+        "jaxlm_settings": settings,
+        "flops_per_token": fpt,
+        "flops_formula": FLOPS_FORMULA,
+        "peak_gflops_run": peak,
+        "rounds": rounds,
+    }
+    for side in sides:
+        runs = [r[side] for r in rounds]
+        tps = [r["tokens_per_sec"] for r in runs]
+        out[side] = {
+            "tokens_per_sec": summary(tps),
+            "step_time_ms": statistics.median(r["step_time_ms"] for r in runs),
+            "mfu": fpt * statistics.median(tps) / (peak * 1e9),
+            "own_matmul_peak_gflops": max(r["peak_gflops_used"] for r in runs),
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+            "compile_s": statistics.median(r["compile_s"] for r in runs),
+            "loss_first": runs[0]["loss_first"],
+        }
+        if side != "jaxlm":
+            out[side]["ratio"] = summary([r[f"ratio_{side}"] for r in rounds])
+    return out
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", choices=sorted(CONFIGS), default="tiny")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--warmup-steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup-steps", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2, help="alternating pairs")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--compile", action="store_true", help="torch.compile the reference")
+    parser.add_argument("--set", action="append", default=None, help="a jaxlm config override")
+    parser.add_argument("--peak-n", type=int, default=2048)
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    c = CONFIGS[args.config]
 
     if args.worker:
-        print(json.dumps(jax_worker(c, args.steps, args.warmup_steps)))
+        c = CONFIGS[args.config]
+        settings = args.set or []
+        print(json.dumps(jax_worker(c, args.steps, args.warmup_steps, settings, args.peak_n)))
         return 0
-
     if not REFERENCE.is_file():
         raise SystemExit(f"the PyTorch reference is not at {REFERENCE}")
-    jax_cmd = [sys.executable, __file__, "--worker", "--config", args.config]
-    jax_cmd += ["--steps", str(args.steps), "--warmup-steps", str(args.warmup_steps)]
-    torch_cmd = [sys.executable, str(REFERENCE), "--threads", str(args.threads)]
-    torch_cmd += ["--steps", str(args.steps), "--warmup-steps", str(args.warmup_steps)]
-    for key in ("d_model", "n_layers", "n_heads", "seq_len", "batch", "vocab"):
-        torch_cmd += [f"--{key.replace('_', '-')}", str(c[key])]
-    if args.compile:
-        torch_cmd.append("--compile")
-
-    pairs = []
-    for i in range(args.repeats):
-        jx, th = run(jax_cmd), run(torch_cmd)
-        pairs.append(
-            {"jaxlm": jx, "torch": th, "ratio": jx["tokens_per_sec"] / th["tokens_per_sec"]}
-        )
-        print(
-            f"pair {i + 1}: jaxlm {jx['tokens_per_sec']:8.0f} tok/s "
-            f"(MFU {jx['mfu_vs_measured_peak']:.0%})   torch {th['tokens_per_sec']:8.0f} tok/s "
-            f"(MFU {th['mfu_vs_measured_peak']:.0%})   ratio {pairs[-1]['ratio']:.2f}",
-            flush=True,
-        )
-    ratios = [p["ratio"] for p in pairs]
-    summary = {
-        "config": args.config,
-        "shape": c,
-        "flops_per_token": flops_per_token(c),
-        "torch_compile": args.compile,
-        "ratio_median": statistics.median(ratios),
-        "ratio_min": min(ratios),
-        "ratio_max": max(ratios),
-        "pairs": pairs,
-    }
+    mode = "compiled" if args.compile else "eager"
+    result = compare(
+        args.config, args.repeats, args.steps, args.warmup_steps, args.threads, (mode,), args.set
+    )
+    r = result[mode]["ratio"]
     print(
-        f"{args.config}: jaxlm / torch{' (compiled)' if args.compile else ''} tokens/s = "
-        f"{summary['ratio_median']:.2f} (median of {len(ratios)}; "
-        f"min {min(ratios):.2f}, max {max(ratios):.2f})"
+        f"{args.config}: jaxlm / reference ({mode}) tokens/s = {r['median']:.2f} "
+        f"(median of {args.repeats}; min {r['min']:.2f}, max {r['max']:.2f})"
     )
     if args.json:
-        Path(args.json).write_text(json.dumps(summary, indent=2))
+        Path(args.json).write_text(json.dumps(result, indent=2))
     return 0
 
 

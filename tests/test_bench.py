@@ -1,0 +1,76 @@
+"""The benchmark command runs end to end on a very small model (`--smoke`).
+
+The benchmarks are not part of the suite otherwise: this only checks that the command
+works and that its JSON holds consistent figures (the train ratio is the ratio of the
+two tokens/s it reports, the FLOPs/token is the reference's formula), with the PyTorch
+side skipped when torch or the reference script is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from bench_common import CONFIGS, flops_per_token, torch_available  # noqa: E402
+
+
+def test_flops_formula_matches_the_reference_by_hand():
+    # tiny: N_nonembedding = 4 (12 d^2 + 13 d) + 2 d, plus V d, and 12 L d T
+    d, layers, vocab, t = 256, 4, 8192, 256
+    n = layers * (12 * d * d + 13 * d) + 2 * d
+    assert flops_per_token(CONFIGS["tiny"]) == 6 * (n + vocab * d) + 12 * layers * d * t
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    cmd = [sys.executable, "benchmarks/run.py", "--smoke", "--only", "train", "pipeline"]
+    cmd += ["--json", str(out)]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout, json.loads(out.read_text())
+
+
+def test_smoke_run_reports_train_and_pipeline(smoke):
+    stdout, results = smoke
+    (train,) = results["train"]
+    assert train["config"] == "smoke"
+    assert train["flops_per_token"] == flops_per_token(CONFIGS["smoke"])
+    jx = train["jaxlm"]
+    assert jx["tokens_per_sec"]["min"] <= jx["tokens_per_sec"]["median"] > 0
+    assert 0 < jx["mfu"] < 1.5 and jx["peak_rss_mb"] > 0
+    tokens = CONFIGS["smoke"]["batch"] * CONFIGS["smoke"]["seq_len"]
+    (rnd,) = train["rounds"]
+    assert rnd["jaxlm"]["tokens_per_sec"] == pytest.approx(
+        tokens / (rnd["jaxlm"]["step_time_ms"] / 1e3)
+    )
+    if torch_available():
+        ref = train["eager"]
+        assert ref["ratio"]["median"] == pytest.approx(
+            jx["tokens_per_sec"]["median"] / ref["tokens_per_sec"]["median"]
+        )
+        assert "reference eager" in stdout
+    p = results["pipeline"]
+    assert p["tokens_per_sec"] > 0
+    assert p["headroom"] == pytest.approx(p["tokens_per_sec"] / jx["tokens_per_sec"]["median"])
+    assert "pipeline:" in stdout and "load average" in stdout
+
+
+def test_cpu_compiler_options_yield_to_the_user(monkeypatch):
+    from jaxlm import runtime
+
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+    assert runtime.compiler_options("cpu") == {"xla_cpu_experimental_ynn_fusion_type": ""}
+    assert runtime.compiler_options("tpu") is None
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=dot")
+    assert runtime.compiler_options("cpu") is None
+    monkeypatch.delenv("XLA_FLAGS")
+    monkeypatch.setenv("JAXLM_XLA_DEFAULTS", "0")
+    assert runtime.compiler_options("cpu") is None
