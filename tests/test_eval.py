@@ -54,13 +54,19 @@ def test_perplexity_and_bits_per_byte_match_a_per_document_reference(gpt_dir, tm
     # The reference: each packed segment alone through the model (no packing mask, no
     # batching, no padding), its log-softmax in NumPy.
     rows = make_dataset(docs, tok, seq_len=SEQ, batch_size=1, seed=0, shuffle=False, repeat=False)
+    # Segments padded at the end to one shape: causal, so padding changes no real logit.
+    forward = jax.jit(lambda x, pos: model.apply({"params": params}, x, None, pos))
     total, count = 0.0, 0
     for row in rows:
         for seg in set(row["segment_ids"][0].tolist()) - {0}:
             at = row["segment_ids"][0] == seg
             inputs, targets = row["inputs"][0][at], row["targets"][0][at]
-            positions = row["positions"][0][at][None]
-            logits = np.asarray(model.apply({"params": params}, inputs[None], None, positions))[0]
+            n = len(targets)
+            padded = np.zeros((1, SEQ), np.int32)
+            padded[0, :n] = inputs
+            positions = np.zeros((1, SEQ), np.int32)
+            positions[0, :n] = row["positions"][0][at]
+            logits = np.asarray(forward(padded, positions))[0, :n]
             top = logits.max(-1, keepdims=True)
             logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
             total -= float(logp[np.arange(len(targets)), targets].sum())
@@ -151,11 +157,10 @@ def test_mlm_and_nsp_accuracy_match_a_numpy_count(tmp_path, corpus_docs):
         repeat=False,
         make_stream=mlm.mlm_stream,
     )
+    forward = jax.jit(lambda *args: pretrained.model.apply({"params": pretrained.params}, *args))
     correct = chosen = nsp_right = rows = 0
     for b in batches:
-        mlm_logits, nsp_logits = pretrained.model.apply(
-            {"params": pretrained.params}, b["inputs"], b["token_types"], b["segment_ids"]
-        )
+        mlm_logits, nsp_logits = forward(b["inputs"], b["token_types"], b["segment_ids"])
         hit = np.argmax(np.asarray(mlm_logits), -1) == b["targets"]
         correct += int((hit & (b["mlm_mask"] > 0)).sum())
         chosen += int((b["mlm_mask"] > 0).sum())
