@@ -18,7 +18,6 @@ import grain
 import numpy as np
 import sentencepiece as spm
 
-from jaxlm.data.tokenizer import BOS_ID, EOS_ID
 from jaxlm.errors import JaxlmError
 
 Batch = dict[str, np.ndarray]
@@ -54,7 +53,11 @@ def check_enough_text(docs: Sequence[str], batch_size: int, seq_len: int) -> Non
 
 
 def _tokenize(tokenizer: spm.SentencePieceProcessor, text: str) -> dict[str, np.ndarray]:
-    ids = np.asarray([BOS_ID, *tokenizer.encode(text), EOS_ID], dtype=np.int32)
+    # The tokenizer's own ids: an imported HF tokenizer's differ from jaxlm's 2 and 3
+    # (GPT-2 has one <|endoftext|> for both, so a missing BOS falls back to EOS).
+    eos = tokenizer.eos_id()
+    bos = tokenizer.bos_id() if tokenizer.bos_id() >= 0 else eos
+    ids = np.asarray([bos, *tokenizer.encode(text), eos], dtype=np.int32)
     return {"inputs": ids[:-1], "targets": ids[1:]}
 
 
