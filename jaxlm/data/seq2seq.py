@@ -8,7 +8,6 @@ target. Rows are padded, not packed: the masks say which positions are real.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from functools import partial
 
@@ -17,7 +16,7 @@ import numpy as np
 import sentencepiece as spm
 
 from jaxlm.data.pipeline import READ_OPTIONS
-from jaxlm.data.sources import _read_text, list_files
+from jaxlm.data.sources import _read_text, jsonl_records, list_files
 from jaxlm.errors import JaxlmError
 
 Pair = tuple[str, str]
@@ -33,15 +32,7 @@ def read_pairs(path: str, source_field: str = "src", target_field: str = "tgt") 
                 f"data file {file}: seq2seq data must be JSONL records with fields "
                 f"{source_field!r} and {target_field!r}"
             )
-        for number, line in enumerate(_read_text(file).splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise JaxlmError(
-                    f"data file {file}, line {number}: not valid JSON ({err.msg})"
-                ) from None
+        for number, record in jsonl_records(file, _read_text(file)):
             values = [
                 record.get(f) if isinstance(record, dict) else None
                 for f in (source_field, target_field)

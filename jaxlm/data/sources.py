@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
+from typing import Any
 
 from etils import epath
 
@@ -56,17 +58,22 @@ def split_text(text: str, split: str) -> list[str]:
     return [p.strip("\n") for p in pieces if p.strip()]
 
 
-def _jsonl_documents(file: epath.Path, text: str, field: str) -> list[str]:
-    docs = []
+def jsonl_records(file: epath.Path, text: str) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed record) for every non-blank line; bad JSON is named by line."""
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            yield number, json.loads(line)
         except json.JSONDecodeError as err:
             raise JaxlmError(
                 f"data file {file}, line {number}: not valid JSON ({err.msg})"
             ) from None
+
+
+def _jsonl_documents(file: epath.Path, text: str, field: str) -> list[str]:
+    docs = []
+    for number, record in jsonl_records(file, text):
         value = record.get(field) if isinstance(record, dict) else None
         if not isinstance(value, str):
             raise JaxlmError(
