@@ -8,7 +8,7 @@ numbers.
 
 Decoding keeps a KV cache in the flax `cache` collection: keys and values per layer,
 preallocated to the whole length S, written at `cache_index` and attended through a
-(B, 1, T, S) bias (`cache_bias`), so one compiled step serves every position.
+(B, 1, T, S) mask (`cache_mask`), so one compiled step serves every position.
 Cross-attention caches the projected encoder keys and values once.
 """
 
@@ -24,8 +24,8 @@ from jaxlm.models.kernels import flash_attention, splash_attention
 from jaxlm.models.layers import EinsumDense
 from jaxlm.models.rope import RopeScaling, apply_rope
 
-# The implementations that take the additive (B, 1, L, L) bias; the others build their
-# masks from segment ids themselves, so the decoder skips the L x L bias for them.
+# The implementations that take a (B, 1, L, L) mask or bias; the others build their
+# masks from segment ids themselves, so the decoder skips the L x L mask for them.
 BIAS_ATTENTION = ("einsum", "dot_product")
 # Heads first, and keys stored transposed (B, K, H, S), values (B, K, S, H): the
 # per-step score and value products then read the cache as XLA's CPU dots want their
@@ -38,13 +38,15 @@ def uses_bias(attention: str) -> bool:
     return attention in BIAS_ATTENTION
 
 
-def attention_bias(segment_ids_BL: jax.Array, causal: bool = True, window: int = 0) -> jax.Array:
-    """Additive fp32 bias (B, 1, L, L): 0 where a query may attend a key, else -inf-ish.
+NEG_INF = float(jnp.finfo(jnp.float32).min)  # finite, so fully masked rows stay finite
+
+
+def attention_mask(segment_ids_BL: jax.Array, causal: bool = True, window: int = 0) -> jax.Array:
+    """Boolean (B, 1, L, L): True where a query may attend a key.
 
     Tokens attend only within their own segment, so packed documents stay apart; with
     `window` > 0, only to keys fewer than `window` positions away (Mistral's sliding
-    window: a causal query sees itself and the window - 1 tokens before it). A large
-    finite negative keeps fully padded rows finite instead of NaN.
+    window: a causal query sees itself and the window - 1 tokens before it).
     """
     same = segment_ids_BL[:, :, None] == segment_ids_BL[:, None, :]
     length = segment_ids_BL.shape[1]
@@ -53,22 +55,38 @@ def attention_bias(segment_ids_BL: jax.Array, causal: bool = True, window: int =
         same = same & (key <= query)[None]
     if window:
         same = same & (jnp.abs(query - key) < window)[None]
-    return jnp.where(same, 0.0, jnp.finfo(jnp.float32).min)[:, None].astype(jnp.float32)
+    return same[:, None]
 
 
-def cache_bias(
+def attention_bias(segment_ids_BL: jax.Array, causal: bool = True, window: int = 0) -> jax.Array:
+    """`attention_mask` as an additive fp32 bias: 0 where allowed, else a large finite
+    negative (fully padded rows stay finite instead of NaN)."""
+    return jnp.where(attention_mask(segment_ids_BL, causal, window), 0.0, NEG_INF)
+
+
+def cache_mask(
     key_valid_BS: jax.Array, cache_index: jax.Array, q_len: int, window: int = 0
 ) -> jax.Array:
-    """Additive fp32 bias (B, 1, T, S) for T queries written at cache slots
-    `cache_index`.. over the S cache slots: a query sees the valid (non-padding) slots at
-    or before its own, and with `window` > 0 only the `window` latest of them. Prompts
-    are left-padded, so slot distance is position distance for real tokens."""
+    """Boolean (B, 1, T, S) for T queries written at cache slots `cache_index`.. over
+    the S cache slots: a query sees the valid (non-padding) slots at or before its own,
+    and with `window` > 0 only the `window` latest of them. Prompts are left-padded, so
+    slot distance is position distance for real tokens."""
     query = cache_index + jnp.arange(q_len)[:, None]
     key = jnp.arange(key_valid_BS.shape[1])[None, :]
     ok = key_valid_BS.astype(bool)[:, None, :] & (key <= query)[None]
     if window:
         ok = ok & (query - key < window)[None]
-    return jnp.where(ok, 0.0, jnp.finfo(jnp.float32).min)[:, None].astype(jnp.float32)
+    return ok[:, None]
+
+
+def masked_scores(scores: jax.Array, bias: jax.Array) -> jax.Array:
+    """Scores with a boolean mask (masked out -> NEG_INF) or an additive fp32 bias
+    (T5's relative positions) applied. A mask is the faster of the two on CPU: a
+    select fuses into the softmax, and the backward pass has no bias term to carry
+    (2x faster attention fwd+bwd at GPT-2 tiny's shapes, benchmarks/README.md)."""
+    if bias.dtype == jnp.bool_:
+        return jnp.where(bias, scores, NEG_INF)
+    return scores + bias
 
 
 def dot_product_attention(
@@ -80,20 +98,37 @@ def dot_product_attention(
 ) -> jax.Array:
     """The einsum reference: softmax in fp32 whatever the compute dtype.
 
-    Query heads are grouped onto the K key/value heads (N // K queries per group,
-    query head n reading kv head n // (N // K)) by a reshape, so K < N costs no copy
-    of the keys. Keys may be longer or shorter than queries (cross-attention), and the
-    bias may be per head, (B, N, Lq, Lk), when K == N (T5's relative position bias).
-    `scale` None is 1/sqrt(head_dim); T5 passes 1.0 (it folds the scale into init).
+    `bias_B1LL` is a boolean mask (`attention_mask`) or an additive bias. Query heads
+    are grouped onto the K key/value heads (query head n reads kv head n // (N // K)),
+    and each group's queries become rows of one (G * L, H) x (H, S) product per kv
+    head, heads first: XLA's CPU batched dots run about twice as fast in that layout
+    as with heads between length and head_dim. Keys may be longer or shorter than
+    queries (cross-attention), and the bias may be per head, (B, N, Lq, Lk), when
+    K == N (T5's relative position bias). `scale` None is 1/sqrt(head_dim); T5 passes
+    1.0 (it folds the scale into init).
     """
     b, length, n_heads, head_dim = q_BLNH.shape
-    k_heads = k_BLKH.shape[2]
-    q_BLKGH = q_BLNH.reshape(b, length, k_heads, n_heads // k_heads, head_dim)
+    k_len, k_heads = k_BLKH.shape[1], k_BLKH.shape[2]
+    group = n_heads // k_heads
+    q_BKQH = q_BLNH.reshape(b, length, k_heads, group, head_dim).transpose(0, 2, 3, 1, 4)
+    q_BKQH = q_BKQH.reshape(b, k_heads, group * length, head_dim)
+    k_BKSH, v_BKSH = k_BLKH.transpose(0, 2, 1, 3), v_BLKH.transpose(0, 2, 1, 3)
     scale = head_dim**-0.5 if scale is None else scale
-    scores = jnp.einsum("bqkgh,bskh->bkgqs", q_BLKGH, k_BLKH).astype(jnp.float32) * scale
-    probs = jax.nn.softmax(scores + bias_B1LL[:, :, None], axis=-1).astype(v_BLKH.dtype)
-    out_BLKGH = jnp.einsum("bkgqs,bskh->bqkgh", probs, v_BLKH)
-    return out_BLKGH.reshape(b, length, n_heads, head_dim)
+    scores = jnp.einsum("bkqh,bksh->bkqs", q_BKQH, k_BKSH).astype(jnp.float32) * scale
+    scores = scores.reshape(b, k_heads, group, length, k_len)
+    probs = jax.nn.softmax(masked_scores(scores, _grouped(bias_B1LL, k_heads)), axis=-1)
+    probs = probs.astype(v_BLKH.dtype).reshape(b, k_heads, group * length, k_len)
+    out_BKQH = jnp.einsum("bkqs,bksh->bkqh", probs, v_BKSH)
+    out_BKGLH = out_BKQH.reshape(b, k_heads, group, length, head_dim)
+    return out_BKGLH.transpose(0, 3, 1, 2, 4).reshape(b, length, n_heads, head_dim)
+
+
+def _grouped(bias: jax.Array, k_heads: int) -> jax.Array:
+    """A (B, 1, T, S) or per-head (B, N, T, S) bias or mask as (B, K|1, G|1, T, S)."""
+    if bias.shape[1] == 1:
+        return bias[:, :, None]
+    b, n, t, s = bias.shape
+    return bias.reshape(b, k_heads, n // k_heads, t, s)
 
 
 def _key_layout(x_BLKH: jax.Array) -> jax.Array:
@@ -112,19 +147,16 @@ def cached_attention(
     scale: float | None = None,
 ) -> jax.Array:
     """The einsum reference for T queries over a cache of keys (B, K, H, S) and values
-    (B, K, S, H); `bias` is (B, 1, T, S) or per head (B, N, T, S). Same arithmetic as
-    `dot_product_attention`."""
+    (B, K, S, H); `bias` is a (B, 1, T, S) mask or bias, or per head (B, N, T, S).
+    Same arithmetic as `dot_product_attention`."""
     b, t, n_heads, head_dim = q_BTNH.shape
     k_heads = k_BKHS.shape[1]
     group = n_heads // k_heads
     q_BKGTH = q_BTNH.reshape(b, t, k_heads, group, head_dim).transpose(0, 2, 3, 1, 4)
     scale = head_dim**-0.5 if scale is None else scale
     scores = jnp.einsum("bkgth,bkhs->bkgts", q_BKGTH, k_BKHS).astype(jnp.float32) * scale
-    if bias.shape[1] == 1:
-        bias = bias[:, :, None]
-    else:
-        bias = bias.reshape(bias.shape[0], k_heads, group, t, bias.shape[-1])
-    probs = jax.nn.softmax(scores + bias, axis=-1).astype(v_BKSH.dtype)
+    probs = jax.nn.softmax(masked_scores(scores, _grouped(bias, k_heads)), axis=-1)
+    probs = probs.astype(v_BKSH.dtype)
     out_BKGTH = jnp.einsum("bkgts,bksh->bkgth", probs, v_BKSH)
     return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(b, t, n_heads, head_dim)
 
@@ -136,13 +168,15 @@ def xla_dot_product_attention(
     bias_B1LL: jax.Array,
     scale: float | None = None,
 ) -> jax.Array:
-    """`jax.nn.dot_product_attention` with the reference's bias and scale.
+    """`jax.nn.dot_product_attention` with the reference's mask or bias and scale.
 
     It groups query heads onto kv heads itself (same n // (N // K) order) and keeps the
     softmax in fp32, so it matches the reference while leaving fusion to XLA.
     """
+    mask = bias_B1LL if bias_B1LL.dtype == jnp.bool_ else None
+    bias = None if mask is not None else bias_B1LL
     return jax.nn.dot_product_attention(
-        q_BLNH, k_BLKH, v_BLKH, bias=bias_B1LL, scale=scale, implementation="xla"
+        q_BLNH, k_BLKH, v_BLKH, bias=bias, mask=mask, scale=scale, implementation="xla"
     )
 
 
@@ -179,14 +213,15 @@ class SelfAttention(nn.Module):
         kv_BSD: jax.Array | None = None,
         cache_index: jax.Array | None = None,
     ) -> jax.Array:
-        """`bias_B1LL` (from `attention_bias`) for einsum and dot_product; the kernels
-        read `segment_ids_BL` instead (None = one document per row), always causal.
+        """`bias_B1LL` (a mask from `attention_mask`, or a bias) for einsum and
+        dot_product; the kernels read `segment_ids_BL` instead (None = one document per
+        row), always causal.
         `kv_BSD` (einsum and dot_product only) makes it cross-attention: keys and values
         come from it (an encoder's output) instead of `x_BLD`.
 
         `cache_index` (a scalar) turns on decoding: the new keys and values go into the
         `cache` collection at that slot, and the queries attend over the whole cache
-        through `bias_B1LL` (B, 1, T, S) from `cache_bias`; cross-attention keys and
+        through `bias_B1LL` (B, 1, T, S) from `cache_mask`; cross-attention keys and
         values are projected on the first call and read from the cache after."""
         d_model = x_BLD.shape[-1]
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from jaxlm.config import ModelConfig
-from jaxlm.models.attention import SelfAttention, attention_bias, cache_bias, uses_bias
+from jaxlm.models.attention import SelfAttention, attention_mask, cache_mask, uses_bias
 from jaxlm.models.layers import MLPS, logical, make_norm
 from jaxlm.models.rope import rope_scaling
 from jaxlm.models.stack import stack_layers
@@ -130,14 +130,14 @@ class Decoder(nn.Module):
             )(positions_BL)
         x = nn.Dropout(c.dropout)(x, deterministic=self.deterministic)
         x = nn.with_logical_constraint(x.astype(dtype), ("batch", "length", "embed"))
-        bias = None  # kernels that mask from segment ids skip the (B, 1, L, L) bias
+        mask = None  # kernels that mask from segment ids skip the (B, 1, L, L) mask
         if cache_index is not None:
             assert key_valid_BS is not None, "decoding needs key_valid_BS"
-            bias = cache_bias(key_valid_BS, cache_index, tokens_BL.shape[1], c.sliding_window)
+            mask = cache_mask(key_valid_BS, cache_index, tokens_BL.shape[1], c.sliding_window)
         elif uses_bias(c.attention):
-            bias = attention_bias(segment_ids_BL, causal=True, window=c.sliding_window)
+            mask = attention_mask(segment_ids_BL, causal=True, window=c.sliding_window)
 
-        args = (bias, positions_BL, segment_ids_BL)
+        args = (mask, positions_BL, segment_ids_BL)
         if cache_index is not None:
             args = (*args, cache_index)
         x = stack_layers(DecoderBlock, c, self.deterministic, x, *args)

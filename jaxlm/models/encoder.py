@@ -6,7 +6,7 @@ optionally token-type ids, segment ids and positions) to fp32 masked-LM logits
 Face's `BertForPreTraining` does: `encoder` (embeddings, blocks, pooler: BertModel),
 `mlm` and `nsp`, so the encoder's count can be read off its own subtree.
 
-Attention is the decoder's `SelfAttention` with a non-causal bias from segment ids:
+Attention is the decoder's `SelfAttention` with a non-causal mask from segment ids:
 a token attends every token of its own segment, so a 0/1 attention mask used as
 segment ids keeps padding (segment 0) out of the real tokens' outputs, and packed
 sequences stay apart. Blocks stack with `nn.scan` and `nn.remat` exactly as in the
@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from jaxlm.config import ModelConfig
-from jaxlm.models.attention import SelfAttention, attention_bias
+from jaxlm.models.attention import SelfAttention, attention_mask
 from jaxlm.models.layers import EinsumDense, GeluMlp, layer_norm, logical
 from jaxlm.models.stack import stack_layers
 
@@ -123,8 +123,8 @@ class BertEncoder(nn.Module):
         x = nn.Dropout(c.dropout)(x, deterministic=self.deterministic)
         x = nn.with_logical_constraint(x.astype(dtype), ("batch", "length", "embed"))
 
-        bias = attention_bias(segment_ids_BL, causal=False)
-        x = stack_layers(EncoderBlock, c, self.deterministic, x, bias, positions_BL)
+        mask = attention_mask(segment_ids_BL, causal=False)
+        x = stack_layers(EncoderBlock, c, self.deterministic, x, mask, positions_BL)
         if not c.nsp_head:
             return x, None
 
