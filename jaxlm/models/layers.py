@@ -54,6 +54,23 @@ def make_norm(
     return layer_norm(eps, dtype, param_dtype, name, use_bias)
 
 
+def projection(equation: str, x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """`jnp.einsum(equation, x, kernel)` for a projection (no batch axes, output = x's
+    kept axes then the kernel's), as one `dot_general` that contracts the axes in the
+    order they appear. jnp.einsum lists multi-axis contractions in reverse ("blnh,nhd"
+    contracts (h, n)), and XLA then transposes the kernel and the activations into that
+    order on every call: a copy of the attention output kernel per step, inside the
+    decode loop too (benchmarks/README.md)."""
+    inputs, out = equation.split("->")
+    lhs, rhs = inputs.split(",")
+    contracted = [a for a in lhs if a in rhs]
+    kept = [a for a in lhs if a not in rhs] + [a for a in rhs if a not in lhs]
+    if "".join(kept) != out or any(a in out for a in contracted):
+        return jnp.einsum(equation, x, kernel)
+    dims = (tuple(lhs.index(a) for a in contracted), tuple(rhs.index(a) for a in contracted))
+    return jax.lax.dot_general(x, kernel, (dims, ((), ())))
+
+
 class EinsumDense(nn.Module):
     """A projection `einsum(equation, x, kernel) + bias` with named kernel axes.
 
@@ -77,7 +94,7 @@ class EinsumDense(nn.Module):
             self.kernel_shape,
             self.param_dtype,
         )
-        y = jnp.einsum(self.equation, x.astype(self.dtype), kernel.astype(self.dtype))
+        y = projection(self.equation, x.astype(self.dtype), kernel.astype(self.dtype))
         if self.bias_axes:
             n = len(self.bias_axes)
             bias_init = logical(nn.initializers.zeros, self.bias_axes)
