@@ -68,6 +68,8 @@ def test_cpu_compiler_options_yield_to_the_user(monkeypatch):
 
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
     assert runtime.compiler_options("cpu") == {"xla_cpu_experimental_ynn_fusion_type": ""}
+    assert runtime.compiler_options("cpu", rows=1) == {"xla_cpu_experimental_ynn_fusion_type": ""}
+    assert runtime.compiler_options("cpu", rows=8) is None  # few rows: XLA's YNNPACK
     assert runtime.compiler_options("tpu") is None
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=dot")
     assert runtime.compiler_options("cpu") is None

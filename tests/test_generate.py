@@ -119,7 +119,7 @@ def test_eos_and_stop_sequences_end_rows_like_hugging_face():
 
 def test_one_compile_per_bucket():
     model, params, _ = _greedy("gpt2")
-    program = decoder_program(decoding_model(model), Sampling().static, 0, False)
+    program = decoder_program(decoding_model(model), Sampling().static, 0, False, 1)
     before = program._cache_size()
     generate_ids(model, params, [[1, 2, 3]], max_new_tokens=5)
     generate_ids(model, params, [[4, 5, 6, 7, 8]], max_new_tokens=8)  # same buckets

@@ -142,12 +142,12 @@ def generate_ids(
         context.enter_context(nn.logical_axis_rules(rules or ()))
     with context:
         if isinstance(model, Decoder):
-            program = decoder_program(run_model, sampling.static, pad_id, return_logits)
+            program = decoder_program(run_model, sampling.static, pad_id, return_logits, batch)
             pad = jnp.asarray(width - lengths)
             out = program(params, jnp.asarray(tokens), pad, *common, n_new=n_new)
         else:
             program = encdec_program(
-                run_model, sampling.static, pad_id, decoder_start_id, return_logits
+                run_model, sampling.static, pad_id, decoder_start_id, return_logits, batch
             )
             src_mask = np.arange(width)[None, :] < lengths[:, None]
             out = program(params, jnp.asarray(tokens), jnp.asarray(src_mask), *common, n_new=n_new)

@@ -11,8 +11,9 @@ of attention and its positions count from its first real token, so every row wri
 the same cache slot at each step. Encoder-decoder prompts are right-padded encoder
 inputs; the decoder starts every row from the same start token.
 
-Programs compile with jaxlm's XLA options (`jaxlm.runtime`: on CPU, Eigen dots rather
-than YNNPACK, about 1.5x the decoding speed in alternating runs on the tiny config).
+Programs compile with jaxlm's XLA options for their batch (`jaxlm.runtime`: on CPU,
+Eigen's matrix-vector path for one row, about 1.7x YNNPACK on the tiny config; YNNPACK
+for 2 or more rows, 1.3-2.8x Eigen).
 """
 
 from __future__ import annotations
@@ -110,9 +111,10 @@ def _decode_loop(
 
 @functools.cache
 def decoder_program(
-    model: nn.Module, static: tuple[bool, int, bool], pad_id: int, return_logits: bool
+    model: nn.Module, static: tuple[bool, int, bool], pad_id: int, return_logits: bool, batch: int
 ) -> Callable:
-    """jit(run) for a decoder-only model; `n_new` (the token buffer) is static."""
+    """jit(run) for a decoder-only model and `batch` rows (it picks the XLA options);
+    `n_new` (the token buffer) is static."""
 
     def run(
         params, prompt_BP, pad_B, active_B, max_new, eos_E, stops_XM, key, temperature, top_p, n_new
@@ -150,7 +152,7 @@ def decoder_program(
             temperature, top_p, pad_id, return_logits,
         )  # fmt: skip
 
-    return jax.jit(run, static_argnames=("n_new",), compiler_options=compiler_options())
+    return jax.jit(run, static_argnames=("n_new",), compiler_options=compiler_options(rows=batch))
 
 
 @functools.cache
@@ -160,8 +162,10 @@ def encdec_program(
     pad_id: int,
     start_id: int,
     return_logits: bool,
+    batch: int,
 ) -> Callable:
-    """jit(run) for an encoder-decoder: encode once, then decode from the start token."""
+    """jit(run) for an encoder-decoder and `batch` rows: encode once, then decode from
+    the start token."""
 
     def run(
         params,
@@ -205,4 +209,4 @@ def encdec_program(
             temperature, top_p, pad_id, return_logits,
         )  # fmt: skip
 
-    return jax.jit(run, static_argnames=("n_new",), compiler_options=compiler_options())
+    return jax.jit(run, static_argnames=("n_new",), compiler_options=compiler_options(rows=batch))
