@@ -5,23 +5,60 @@ Restoring takes the abstract state (shapes plus the *current* mesh's shardings),
 checkpoint written under one mesh comes back laid out for whatever mesh is running now.
 Resuming picks the newest checkpoint that is complete and intact, and says which
 ones it passed over.
+
+A save costs the loop as little as it can (benchmarks/README.md has the figures).
+Orbax's own blocking part (copying to host, starting its threads) runs in a
+background thread when one process holds the state on CPU devices: the loop only
+takes an on-device copy, which the next step cannot donate away. Writing and checksumming run
+at idle priority (Linux SCHED_IDLE): on a host whose cores the train step keeps busy
+(CPU training) they take only the cycles the step leaves, instead of slowing every
+step ~20% while they run; on an accelerator host the cores are free and they run at
+full speed.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import os
 from typing import Any
 
 import grain
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from etils import epath
 
 from jaxlm import integrity
 from jaxlm.config import CheckpointConfig
-from jaxlm.data.checkpointing import StreamsRestore, StreamsSave
+from jaxlm.data.checkpointing import StreamsHandler, StreamsRestore, StreamsSave
 from jaxlm.errors import JaxlmError
 from jaxlm.paths import as_path
+
+# Threads that only write checkpoints: tensorstore's I/O pool.
+WRITER_THREADS = ("ts_pool_worker",)
+
+
+def _idle(tid: int) -> None:
+    """SCHED_IDLE for thread `tid` (0 = the caller); a no-op where unsupported."""
+    with contextlib.suppress(AttributeError, OSError):
+        os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+
+
+def idle_writer_threads() -> None:
+    """Put the checkpoint writer threads that exist now at idle priority."""
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return
+    for tid in tasks:
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                name = f.read().strip()
+        except OSError:
+            continue
+        if name in WRITER_THREADS:
+            _idle(int(tid))
 
 
 def make_manager(directory: str | os.PathLike, config: CheckpointConfig) -> ocp.CheckpointManager:
@@ -32,7 +69,13 @@ def make_manager(directory: str | os.PathLike, config: CheckpointConfig) -> ocp.
         cleanup_tmp_directories=True,
         create=True,
     )
-    return ocp.CheckpointManager(as_path(directory), options=options, item_names=("state", "data"))
+    # No zstd on the arrays: trained fp32 weights barely compress, and compressing
+    # tripled the CPU a save takes beside the step (benchmarks/README.md).
+    handlers = {
+        "state": ocp.PyTreeCheckpointHandler(use_compression=False),
+        "data": StreamsHandler(),
+    }
+    return ocp.CheckpointManager(as_path(directory), options=options, item_handlers=handlers)
 
 
 def restore(
@@ -40,7 +83,9 @@ def restore(
 ) -> Any:
     """The state at `step`, laid out as `abstract_state`; `data_iter` is moved in place."""
     args = ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
+        state=ocp.args.PyTreeRestore(
+            abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state)
+        ),
         data=StreamsRestore(data_iter),
     )
     try:
@@ -63,35 +108,87 @@ class Checkpointer:
         self.incomplete = integrity.incomplete_steps(self.directory)
         self.manager = make_manager(self.directory, config)
         self._unsealed: list[int] = []  # saved steps still waiting for their manifest
+        self._sealing: list[concurrent.futures.Future] = []
+        self._sealer = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="jaxlm-seal", initializer=_idle, initargs=(0,)
+        )
+        self._starting: concurrent.futures.Future | None = None  # a save being handed over
+        self._starter = concurrent.futures.ThreadPoolExecutor(1, "jaxlm-save")
 
     def step_dir(self, step: int) -> epath.Path:
         return self.directory / str(step)
 
     def save(self, step: int, state: Any, data_iter: grain.DatasetIterator, force: bool = False):
         """Start an async save if `step` is due (or `force`); returns whether it started."""
-        if step in self.manager.all_steps():
+        self._handed_over()
+        if step in self.manager.all_steps() or not (force or self.manager.should_save(step)):
             return False
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=StreamsSave(data_iter))
-        started = self.manager.save(step, args=args, force=force)
-        if started:
+        if self._in_flight():
+            # The previous save must land first, so a crash never loses more than the
+            # steps since it: idle-priority writes can starve while steps run back to
+            # back, and waiting here gives them the cores.
+            self.wait()
+        position = _Position(data_iter.get_state(), data_iter.num_streams)
+        if jax.process_count() == 1 and _on_cpu(state):
+            # Multi-process saves meet at orbax's barriers; they stay on the loop's thread.
+            state = _copy(state)  # the next step donates the original
+            self._starting = self._starter.submit(self._start, step, state, position, force)
+        else:
+            self._start(step, state, position, force)
+        return True
+
+    def _start(self, step: int, state: Any, position: _Position, force: bool) -> None:
+        args = ocp.args.Composite(state=ocp.args.PyTreeSave(state), data=StreamsSave(position))
+        if self.manager.save(step, args=args, force=force):
             self._unsealed.append(step)
-        return started
+        idle_writer_threads()
+
+    def _in_flight(self) -> bool:
+        if self._starting is not None and not self._starting.done():
+            return True
+        sealing = any(not f.done() for f in self._sealing)
+        return bool(self._unsealed) or sealing or self.manager.is_saving_in_progress()
+
+    def wait_started(self) -> None:
+        """Block until the last save is in orbax's hands (its directory exists)."""
+        if self._starting is not None:
+            self._starting.result()
+
+    def _handed_over(self) -> bool:
+        """Has a save started in the background been handed to orbax? Raises its error."""
+        if self._starting is None:
+            return True
+        if not self._starting.done():
+            return False
+        starting, self._starting = self._starting, None
+        starting.result()
+        return True
 
     def poll(self) -> None:
-        """Write manifests for saves that have finished; cheap enough to call every step."""
-        if self._unsealed and not self.manager.is_saving_in_progress():
+        """Start checksumming saves that have finished, in the background; cheap enough
+        to call every step."""
+        if not self._handed_over() or not self._unsealed:
+            return
+        if self.manager.is_saving_in_progress():
+            idle_writer_threads()  # the pool may have grown for this save
+        else:
             self._seal()
 
     def wait(self) -> None:
         """Block until every save in flight is on disk and checksummed."""
+        if self._starting is not None:
+            self._starting.result()
+            self._starting = None
         self.manager.wait_until_finished()
         self._seal()
+        for future in self._sealing:
+            future.result()
+        self._sealing = []
 
     def _seal(self) -> None:
         if jax.process_index() == 0:
-            for step in self._unsealed:
-                if self.step_dir(step).is_dir():  # may have been rotated out already
-                    integrity.write_manifest(self.step_dir(step))
+            steps = [self.step_dir(step) for step in self._unsealed]
+            self._sealing.append(self._sealer.submit(_write_manifests, steps))
         self._unsealed = []
 
     def restore_latest(
@@ -120,3 +217,34 @@ class Checkpointer:
     def close(self) -> None:
         self.wait()
         self.manager.close()
+        self._sealer.shutdown()
+        self._starter.shutdown()
+
+
+class _Position:
+    """The data iterator's position, taken when the save starts: what `StreamsHandler`
+    reads, while the loop moves the live iterator on."""
+
+    def __init__(self, state: dict, num_streams: int) -> None:
+        self.state, self.num_streams = state, num_streams
+
+    def get_state(self) -> dict:
+        return self.state
+
+
+def _on_cpu(state: Any) -> bool:
+    leaves = jax.tree_util.tree_leaves(state)
+    return bool(leaves) and all(
+        d.platform == "cpu" for x in leaves if isinstance(x, jax.Array) for d in x.devices()
+    )
+
+
+@jax.jit
+def _copy(state: Any) -> Any:
+    return jax.tree_util.tree_map(jnp.copy, state)
+
+
+def _write_manifests(step_dirs: list[epath.Path]) -> None:
+    for step_dir in step_dirs:
+        if step_dir.is_dir():  # may have been rotated out already
+            integrity.write_manifest(step_dir)

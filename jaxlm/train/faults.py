@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Callable
 
 import numpy as np
 
@@ -28,6 +29,9 @@ def maybe_poison(step: int, batch: dict[str, np.ndarray], vocab_size: int) -> di
     return {**batch, "inputs": np.full_like(batch["inputs"], vocab_size + 7)}
 
 
-def maybe_kill_during_save(step: int) -> None:
+def maybe_kill_during_save(step: int, save_started: Callable[[], None]) -> None:
+    """`save_started` blocks until the step's save is writing (it may start in the
+    background)."""
     if step in _steps(KILL_ENV):
+        save_started()
         os.kill(os.getpid(), signal.SIGKILL)

@@ -342,7 +342,7 @@ def train(
                 bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tok_s:,.0f}")
                 last_time, last_step = time.perf_counter(), step
             checkpointer.save(step, state, data_iter, force=is_last or preempted)
-            faults.maybe_kill_during_save(step)
+            faults.maybe_kill_during_save(step, checkpointer.wait_started)
             checkpointer.poll()
             if preempted:
                 if writer:
