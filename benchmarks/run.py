@@ -85,7 +85,7 @@ def pipeline_section(args, train: list[dict]) -> dict:
 def checkpoint_section(args) -> dict:
     name = "smoke" if args.smoke else "tiny"
     cmd = [python(), str(HERE / "checkpoint_cost.py"), "--config", name]
-    cmd += ["--saves", "1" if args.smoke else "3", "--every", "2" if args.smoke else "5"]
+    cmd += ["--saves", "2" if args.smoke else "8", "--every", "2" if args.smoke else "5"]
     return run_json(cmd)
 
 
@@ -162,9 +162,12 @@ def report(results: dict) -> list[str]:
     if c:
         lines.append(
             f"checkpoint ({c['config']}, {c['state_mb']:.0f} MB state): save blocks "
-            f"{c['save_call_ms']:.1f} ms + {c['in_flight_slowdown_ms']:.1f} ms slower steps "
-            f"while writing = {c['save_pct_of_step']:.1f}% of a {c['step_ms']:.0f} ms step "
-            f"(target <= {TARGETS['checkpoint_pct']:.0f}%); restore {c['restore_ms']:.0f} ms"
+            f"{c['save_call_ms']:.1f} ms + polls {c['poll_calls_ms']:.1f} ms + "
+            f"{c['in_flight_slowdown_ms']:.1f} ms slower steps while writing = "
+            f"{c['save_pct_of_step']:.1f}% (quartiles {c['save_pct_quartiles']}) of a "
+            f"{c['step_ms']:.0f} ms step (target <= {TARGETS['checkpoint_pct']:.0f}%); the save "
+            f"took {c['save_cpu_ms']['normal']:.0f} ms CPU at normal priority and "
+            f"{c['save_cpu_ms']['idle']:.0f} ms at idle; restore {c['restore_ms']:.0f} ms"
         )
     k = results.get("compile")
     if k:
