@@ -15,7 +15,9 @@ from jaxlm.config import ModelConfig, load_config
 from jaxlm.errors import ConfigError
 from jaxlm.models import build_model, kernels
 from jaxlm.models.attention import (
+    CAUSAL_BLOCK,
     attention_bias,
+    attention_mask,
     dot_product_attention,
     xla_dot_product_attention,
 )
@@ -47,6 +49,29 @@ def test_dot_product_matches_einsum(kv_heads, window):
     bias = attention_bias(_segments(24), window=window)
     expected = dot_product_attention(q, k, v, bias)
     np.testing.assert_allclose(xla_dot_product_attention(q, k, v, bias), expected, **TIGHT)
+
+
+@pytest.mark.parametrize("window", [0, 150])
+def test_causal_blocks_match_the_full_square(window):
+    """Blocks of CAUSAL_BLOCK queries over the keys they may see give the full masked
+    square's outputs and gradients (packed segments, padding, grouped heads), whether
+    the mask is a boolean or an additive bias."""
+    length = 3 * CAUSAL_BLOCK
+    q, k, v = _qkv(length)
+    mask = attention_mask(_segments(length), window=window)
+
+    def loss(causal, bias):
+        def f(q, k, v):
+            return jnp.sum(jnp.sin(dot_product_attention(q, k, v, bias, causal=causal)))
+
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(q, k, v)
+
+    expected, expected_grads = loss(False, mask)
+    for bias in (mask, attention_bias(_segments(length), window=window)):
+        value, grads = loss(True, bias)
+        np.testing.assert_allclose(value, expected, rtol=1e-5)
+        for got, want in zip(grads, expected_grads, strict=True):
+            np.testing.assert_allclose(got, want, **TIGHT)
 
 
 @pytest.mark.parametrize(

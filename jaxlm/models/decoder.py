@@ -60,6 +60,7 @@ class DecoderBlock(nn.Module):
             rope_scaling=rope_scaling(c),
             attention=c.attention,
             sliding_window=c.sliding_window,
+            causal=True,
             name="attn",
         )(
             norm("ln_attn")(x_BLD),
