@@ -34,6 +34,8 @@ import compile_time
 import train_speed
 from bench_common import REPO, load_average, python, run_json, torch_available
 
+from jaxlm.runtime import process_env
+
 HERE = Path(__file__).resolve().parent
 GENERATE = HERE / "generate_speed.py"
 SECTIONS = ("train", "pipeline", "checkpoint", "compile", "generation")
@@ -86,7 +88,7 @@ def checkpoint_section(args) -> dict:
     name = "smoke" if args.smoke else "tiny"
     cmd = [python(), str(HERE / "checkpoint_cost.py"), "--config", name]
     cmd += ["--saves", "2" if args.smoke else "8", "--every", "2" if args.smoke else "5"]
-    return run_json(cmd)
+    return run_json(cmd, env=process_env())
 
 
 def compile_section(args) -> dict:

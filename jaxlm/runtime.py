@@ -13,14 +13,21 @@ so they apply to jaxlm's own steps whatever else the process compiles, and work 
 the backend started before jaxlm was imported (XLA_FLAGS would not).
 
 A flag the user sets in XLA_FLAGS wins over these; JAXLM_XLA_DEFAULTS=0 turns them off.
+
+On Linux a jaxlm process also starts with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`
+(`process_env`; the `jaxlm` command re-executes itself with it, since glibc reads it
+only at start). XLA's CPU runtime allocates each step's temporaries afresh, and
+glibc maps big blocks straight from the kernel, so every step page-faulted them in
+again: 1.2 million faults and 4-5 s of kernel time per GPT-2 small step. Backed by
+transparent huge pages, 50-180 thousand faults and 2-3 s; the step 1.0-1.14x faster
+(benchmarks/README.md). Research code that imports jaxlm can set the variable itself.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any
-
-import jax
 
 # XLA DebugOptions fields by backend platform.
 COMPILER_OPTIONS: dict[str, dict[str, Any]] = {
@@ -41,8 +48,35 @@ def compiler_options(platform: str | None = None, rows: int = 0) -> dict[str, An
     decoding step's batch); 0 is anything else (training, eval, prefill-heavy work)."""
     if os.environ.get("JAXLM_XLA_DEFAULTS", "1") == "0":
         return None
-    platform = platform or jax.default_backend()
+    if platform is None:
+        import jax  # here, so the CLI can re-execute itself before JAX loads
+
+        platform = jax.default_backend()
     user_flags = os.environ.get("XLA_FLAGS", "")
     table = FEW_ROWS_OPTIONS if 1 < rows <= FEW_ROWS else COMPILER_OPTIONS
     options = {k: v for k, v in table.get(platform, {}).items() if f"--{k}" not in user_flags}
     return options or None
+
+
+MALLOC_TUNABLE = "glibc.malloc.hugetlb=1"  # THP for glibc's big blocks ("madvise" mode)
+
+
+def process_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment variables a jaxlm process should start with that `environ` (default:
+    this process's) lacks: {} when there are none, off Linux, or with
+    JAXLM_XLA_DEFAULTS=0. A GLIBC_TUNABLES the user set keeps their entries."""
+    environ = os.environ if environ is None else environ
+    if not sys.platform.startswith("linux") or environ.get("JAXLM_XLA_DEFAULTS", "1") == "0":
+        return {}
+    tunables = environ.get("GLIBC_TUNABLES", "")
+    if "glibc.malloc.hugetlb" in tunables:
+        return {}
+    return {"GLIBC_TUNABLES": ":".join(t for t in (tunables, MALLOC_TUNABLE) if t)}
+
+
+def reexec_with_process_env() -> None:
+    """Replace this process by itself, same arguments and pid, when `process_env` says
+    its environment lacks something; returns only when it does not."""
+    env = process_env()
+    if env:
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], {**os.environ, **env})

@@ -76,3 +76,17 @@ def test_cpu_compiler_options_yield_to_the_user(monkeypatch):
     monkeypatch.delenv("XLA_FLAGS")
     monkeypatch.setenv("JAXLM_XLA_DEFAULTS", "0")
     assert runtime.compiler_options("cpu") is None
+
+
+def test_process_env_adds_the_malloc_tunable_once():
+    from jaxlm import runtime
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("glibc tunables are Linux only")
+    assert runtime.process_env({}) == {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
+    mine = {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}
+    assert runtime.process_env(mine) == {
+        "GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
+    }
+    assert runtime.process_env({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}) == {}
+    assert runtime.process_env({"JAXLM_XLA_DEFAULTS": "0"}) == {}
