@@ -29,6 +29,21 @@ CONFIGS = {
 FLOPS_FORMULA = "6 * (N_nonembedding + V * d) + 12 * L * d * T"
 
 
+def shape_overrides(c: dict, n_layers: int | None = None) -> list[str]:
+    """jaxlm config overrides for config `c`'s shape (`n_layers` replaces its depth),
+    on one device."""
+    return [
+        f"model.d_model={c['d_model']}",
+        f"model.n_layers={c['n_layers'] if n_layers is None else n_layers}",
+        f"model.n_heads={c['n_heads']}",
+        f"model.vocab_size={c['vocab']}",
+        f"model.max_len={c['seq_len']}",
+        f"train.seq_len={c['seq_len']}",
+        f"train.batch_size={c['batch']}",
+        "mesh.data=1",
+    ]
+
+
 def flops_per_token(c: dict) -> float:
     """The reference's `model_flops_per_token` (its docstring): N_nonembedding counts every
     parameter but the two embeddings (QKV, out, MLP, biases, LayerNorms), V*d is the tied

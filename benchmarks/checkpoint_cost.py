@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import CONFIGS
+from bench_common import CONFIGS, shape_overrides
 
 
 def idle_cpu_ms() -> float:
@@ -65,19 +65,7 @@ def measure(name: str, saves: int, steps_between: int) -> dict:
     from jaxlm.train.step import jit_steps, make_eval_step, make_train_step
 
     c = CONFIGS[name]
-    config = load_config(
-        None,
-        [
-            f"model.d_model={c['d_model']}",
-            f"model.n_layers={c['n_layers']}",
-            f"model.n_heads={c['n_heads']}",
-            f"model.vocab_size={c['vocab']}",
-            f"model.max_len={c['seq_len']}",
-            f"train.seq_len={c['seq_len']}",
-            f"train.batch_size={c['batch']}",
-            "mesh.data=1",
-        ],
-    )
+    config = load_config(None, shape_overrides(c))
     mesh = shd.make_mesh(config.mesh, jax.devices()[:1])
     rules = shd.logical_rules(config.mesh)
     model = build_model(config.model)

@@ -19,6 +19,10 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_common import shape_overrides
+
 REPO = Path(__file__).resolve().parents[1]
 WIDTH = dict(d_model=256, n_heads=4, vocab=8192, seq_len=256, batch=8)
 
@@ -40,16 +44,9 @@ def worker(n_layers: int, scan: bool, attention: str) -> dict:
     config = load_config(
         None,
         [
-            f"model.d_model={c['d_model']}",
-            f"model.n_layers={n_layers}",
-            f"model.n_heads={c['n_heads']}",
-            f"model.vocab_size={c['vocab']}",
-            f"model.max_len={c['seq_len']}",
+            *shape_overrides(c, n_layers),
             f"model.scan_layers={str(scan).lower()}",
             f"model.attention={attention}",
-            f"train.seq_len={c['seq_len']}",
-            f"train.batch_size={c['batch']}",
-            "mesh.data=1",
         ],
     )
     mesh = shd.make_mesh(config.mesh, jax.devices()[:1])

@@ -5,9 +5,11 @@ A `jax.profiler` trace cannot say this on CPU (Eigen dots complete asynchronousl
 the thread pool, so their trace events are only the launches). Instead this compiles
 the tiny step as `train_speed.py` does, reads every `dot` of the optimised HLO (the
 shapes and contracting dimensions XLA's layout assignment chose), and times each
-distinct one in isolation through the same compiler options.
+distinct one in isolation through the same compiler options. Only the entry
+computation's dots are read, so layers are unrolled unless `--set` says otherwise
+(a scanned stack's dots sit in the loop body).
 
-    python benchmarks/dot_profile.py [--config tiny] [--set model.scan_layers=false]
+    python benchmarks/dot_profile.py [--config tiny] [--set KEY=VALUE ...]
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import CONFIGS
+from bench_common import CONFIGS, shape_overrides
 
 DOT = re.compile(
     r"%(dot[\w.]*) = \w+\[[\d,]*\]\{[\d,]*\} dot\(%([\w.\-]+), %([\w.\-]+)\), (.*?)metadata"
@@ -45,16 +47,7 @@ def step_hlo(name: str, settings: list[str]) -> str:
     from jaxlm.train.step import make_train_step
 
     c = CONFIGS[name]
-    keys = ("d_model", "n_layers", "n_heads")
-    overrides = [f"model.{k}={c[k]}" for k in keys] + [
-        f"model.vocab_size={c['vocab']}",
-        f"model.max_len={c['seq_len']}",
-        f"train.seq_len={c['seq_len']}",
-        f"train.batch_size={c['batch']}",
-        "mesh.data=1",
-        *settings,
-    ]
-    config = load_config(None, overrides)
+    config = load_config(None, [*shape_overrides(c), *settings])
     mesh = shd.make_mesh(config.mesh, jax.devices()[:1])
     rules = shd.logical_rules(config.mesh)
     model = build_model(config.model)
@@ -121,9 +114,9 @@ def time_dot(lhs: tuple, rhs: tuple, numbers: tuple, repeats: int = 7) -> tuple[
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", choices=sorted(CONFIGS), default="tiny")
-    parser.add_argument("--set", action="append", default=[], help="a jaxlm config override")
+    parser.add_argument("--set", action="append", help="a jaxlm config override")
     args = parser.parse_args()
-    found = dots(step_hlo(args.config, args.set))
+    found = dots(step_hlo(args.config, args.set or ["model.scan_layers=false"]))
     rows, total_s, total_flops = [], 0.0, 0.0
     for (lhs, rhs, numbers), count in found.items():
         seconds, flops = time_dot(lhs, rhs, numbers)

@@ -33,6 +33,7 @@ from bench_common import (
     peak_rss_mb,
     python,
     run_json,
+    shape_overrides,
     summary,
     xla_matmul_peak_gflops,
 )
@@ -61,13 +62,7 @@ def jax_worker(c: dict, steps: int, warmup: int, settings: list[str], peak_n: in
     config = load_config(
         None,
         [
-            f"model.d_model={c['d_model']}",
-            f"model.n_layers={c['n_layers']}",
-            f"model.n_heads={c['n_heads']}",
-            f"model.vocab_size={c['vocab']}",
-            f"model.max_len={c['seq_len']}",
-            f"train.seq_len={c['seq_len']}",
-            f"train.batch_size={c['batch']}",
+            *shape_overrides(c),
             "optim.lr=3e-4",
             "optim.b1=0.9",
             "optim.b2=0.95",
@@ -76,7 +71,6 @@ def jax_worker(c: dict, steps: int, warmup: int, settings: list[str], peak_n: in
             "optim.grad_clip=1.0",
             "optim.warmup_steps=0",
             "optim.min_lr_ratio=1.0",
-            "mesh.data=1",
             *settings,
         ],
     )
