@@ -7,6 +7,7 @@ from leaking between jaxlm and the reference, so alternating runs compare like w
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import resource
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = REPO.parent / "shared" / "bench" / "torch_gpt_reference.py"
@@ -42,6 +44,45 @@ def shape_overrides(c: dict, n_layers: int | None = None) -> list[str]:
         f"train.batch_size={c['batch']}",
         "mesh.data=1",
     ]
+
+
+@dataclasses.dataclass
+class TrainSetup:
+    config: Any
+    mesh: Any
+    rules: Any
+    model: Any
+    tx: Any
+    abstract: Any  # the state's shapes and shardings
+    shardings: Any
+    state: Any
+    step_fn: Any  # jitted and state-donating, as `jaxlm train` runs it
+    raw_step: Any  # the pure train_step
+
+
+def train_setup(overrides: list[str], total_steps: int) -> TrainSetup:
+    """jaxlm's model, train state and step on one device, built as `jaxlm train` builds
+    them, for config `overrides` (start from `shape_overrides`)."""
+    import jax
+
+    from jaxlm import sharding as shd
+    from jaxlm.config import load_config
+    from jaxlm.models import build_model
+    from jaxlm.train.optim import make_optimizer, make_schedule
+    from jaxlm.train.state import init_state, state_shardings
+    from jaxlm.train.step import jit_steps, make_eval_step, make_train_step
+
+    config = load_config(None, overrides)
+    mesh = shd.make_mesh(config.mesh, jax.devices()[:1])
+    rules = shd.logical_rules(config.mesh)
+    model = build_model(config.model)
+    tx = make_optimizer(config.optim, total_steps)
+    length = config.train.seq_len
+    abstract, shardings = state_shardings(model, tx, length, mesh, rules)
+    state = init_state(model, tx, length, shardings, jax.random.PRNGKey(0), mesh, rules)
+    raw_step = make_train_step(model, tx, make_schedule(config.optim, total_steps))
+    step_fn, _ = jit_steps(raw_step, make_eval_step(model), shardings, mesh, rules)
+    return TrainSetup(config, mesh, rules, model, tx, abstract, shardings, state, step_fn, raw_step)
 
 
 def flops_per_token(c: dict) -> float:

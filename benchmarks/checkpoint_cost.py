@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import CONFIGS, shape_overrides
+from bench_common import CONFIGS, shape_overrides, train_setup
 
 
 def idle_cpu_ms() -> float:
@@ -55,30 +55,13 @@ def measure(name: str, saves: int, steps_between: int) -> dict:
     import jax
     import numpy as np
 
-    from jaxlm import sharding as shd
     from jaxlm.checkpoint import Checkpointer
-    from jaxlm.config import CheckpointConfig, load_config
+    from jaxlm.config import CheckpointConfig
     from jaxlm.data.pipeline import Streams
-    from jaxlm.models import build_model
-    from jaxlm.train.optim import make_optimizer, make_schedule
-    from jaxlm.train.state import init_state, state_shardings
-    from jaxlm.train.step import jit_steps, make_eval_step, make_train_step
 
     c = CONFIGS[name]
-    config = load_config(None, shape_overrides(c))
-    mesh = shd.make_mesh(config.mesh, jax.devices()[:1])
-    rules = shd.logical_rules(config.mesh)
-    model = build_model(config.model)
-    tx = make_optimizer(config.optim, 1000)
-    abstract, shardings = state_shardings(model, tx, c["seq_len"], mesh, rules)
-    state = init_state(model, tx, c["seq_len"], shardings, jax.random.PRNGKey(0), mesh, rules)
-    step_fn, _ = jit_steps(
-        make_train_step(model, tx, make_schedule(config.optim, 1000)),
-        make_eval_step(model),
-        shardings,
-        mesh,
-        rules,
-    )
+    setup = train_setup(shape_overrides(c), 1000)
+    state, step_fn, abstract = setup.state, setup.step_fn, setup.abstract
     shape = (c["batch"], c["seq_len"])
     rng = np.random.default_rng(0)
     rows = [

@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import CONFIGS, shape_overrides
+from bench_common import CONFIGS, shape_overrides, train_setup
 
 DOT = re.compile(
     r"%(dot[\w.]*) = \w+\[[\d,]*\]\{[\d,]*\} dot\(%([\w.\-]+), %([\w.\-]+)\), (.*?)metadata"
@@ -39,21 +39,9 @@ def step_hlo(name: str, settings: list[str]) -> str:
     from flax import linen as nn
 
     from jaxlm import runtime
-    from jaxlm import sharding as shd
-    from jaxlm.config import load_config
-    from jaxlm.models import build_model
-    from jaxlm.train.optim import make_optimizer, make_schedule
-    from jaxlm.train.state import init_state, state_shardings
-    from jaxlm.train.step import make_train_step
 
     c = CONFIGS[name]
-    config = load_config(None, [*shape_overrides(c), *settings])
-    mesh = shd.make_mesh(config.mesh, jax.devices()[:1])
-    rules = shd.logical_rules(config.mesh)
-    model = build_model(config.model)
-    tx = make_optimizer(config.optim, 100)
-    _, shardings = state_shardings(model, tx, c["seq_len"], mesh, rules)
-    state = init_state(model, tx, c["seq_len"], shardings, jax.random.PRNGKey(0), mesh, rules)
+    setup = train_setup([*shape_overrides(c), *settings], 100)
     shape = (c["batch"], c["seq_len"])
     batch = {
         "inputs": np.zeros(shape, np.int32),
@@ -61,10 +49,9 @@ def step_hlo(name: str, settings: list[str]) -> str:
         "segment_ids": np.ones(shape, np.int32),
         "positions": np.broadcast_to(np.arange(shape[1], dtype=np.int32), shape),
     }
-    step = make_train_step(model, tx, make_schedule(config.optim, 100))
-    jitted = jax.jit(step, compiler_options=runtime.compiler_options())
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        return jitted.lower(state, batch).compile().as_text()
+    jitted = jax.jit(setup.raw_step, compiler_options=runtime.compiler_options())
+    with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
+        return jitted.lower(setup.state, batch).compile().as_text()
 
 
 def dots(hlo: str) -> collections.Counter:

@@ -35,6 +35,7 @@ from bench_common import (
     run_json,
     shape_overrides,
     summary,
+    train_setup,
     xla_matmul_peak_gflops,
 )
 
@@ -53,14 +54,9 @@ def jax_worker(c: dict, steps: int, warmup: int, settings: list[str], peak_n: in
     import numpy as np
 
     from jaxlm import sharding as shd
-    from jaxlm.config import load_config
-    from jaxlm.models import build_model
-    from jaxlm.train.optim import make_optimizer, make_schedule
-    from jaxlm.train.state import init_state, state_shardings
-    from jaxlm.train.step import jit_steps, make_eval_step, make_train_step
 
-    config = load_config(
-        None,
+    total = steps + warmup
+    setup = train_setup(
         [
             *shape_overrides(c),
             "optim.lr=3e-4",
@@ -73,24 +69,12 @@ def jax_worker(c: dict, steps: int, warmup: int, settings: list[str], peak_n: in
             "optim.min_lr_ratio=1.0",
             *settings,
         ],
+        total,
     )
-    mesh = shd.make_mesh(config.mesh, jax.devices()[:1])
-    rules = shd.logical_rules(config.mesh)
-    model = build_model(config.model)
-    total = steps + warmup
-    tx = make_optimizer(config.optim, total)
-    _, shardings = state_shardings(model, tx, c["seq_len"], mesh, rules)
-    state = init_state(model, tx, c["seq_len"], shardings, jax.random.PRNGKey(0), mesh, rules)
-    step_fn, _ = jit_steps(
-        make_train_step(model, tx, make_schedule(config.optim, total)),
-        make_eval_step(model),
-        shardings,
-        mesh,
-        rules,
-    )
+    state, step_fn = setup.state, setup.step_fn
     rng = np.random.default_rng(1)
     shape = (c["batch"], c["seq_len"])
-    data = shd.batch_sharding(mesh, rules)
+    data = shd.batch_sharding(setup.mesh, setup.rules)
 
     def batch():
         tokens = rng.integers(0, c["vocab"], (shape[0], shape[1] + 1)).astype(np.int32)
