@@ -186,6 +186,10 @@ class Checkpointer:
         self._sealing = []
 
     def _seal(self) -> None:
+        done = [f for f in self._sealing if f.done()]
+        self._sealing = [f for f in self._sealing if f not in done]
+        for future in done:
+            future.result()  # a failed manifest raises here, at the next seal
         if jax.process_index() == 0:
             steps = [self.step_dir(step) for step in self._unsealed]
             self._sealing.append(self._sealer.submit(_write_manifests, steps))
