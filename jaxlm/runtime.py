@@ -58,6 +58,27 @@ def compiler_options(platform: str | None = None, rows: int = 0) -> dict[str, An
     return options or None
 
 
+# About this machine's last-level cache: weights below it stay cached between steps.
+CACHED_WEIGHT_BYTES = 64 * 2**20
+
+
+def output_major_kernels(rows: int, weight_bytes: int, platform: str | None = None) -> bool:
+    """Should a decoding program of `rows` rows over `weight_bytes` of weights give its
+    steps output-major kernels (`jaxlm.models.layers.OUTPUT_MAJOR`)? On CPU: XLA's
+    GEMMs stream an (N, K) weight once for all rows of (N, K) x (rows, K)^T but read a
+    (K, N) one at about 13 GB/s, so 2..FEW_ROWS rows gain (GPT-2 small, 8 rows:
+    1.26-1.48x; tiny: 1.09-1.13x). One row gains only when the weights come from
+    memory (GPT-2 small 1.07-1.15x; tiny, in cache, 0.9-0.98x). Measured in
+    benchmarks/README.md."""
+    if os.environ.get("JAXLM_XLA_DEFAULTS", "1") == "0" or rows > FEW_ROWS:
+        return False
+    if platform is None:
+        import jax
+
+        platform = jax.default_backend()
+    return platform == "cpu" and (rows > 1 or weight_bytes > CACHED_WEIGHT_BYTES)
+
+
 MALLOC_TUNABLE = "glibc.malloc.hugetlb=1"  # THP for glibc's big blocks ("madvise" mode)
 
 

@@ -15,10 +15,12 @@ from flax import linen as nn
 
 from jaxlm.errors import JaxlmError
 from jaxlm.generation import generate_ids, next_token, nucleus_mask, top_p_filter
+from jaxlm.generation import programs as P
 from jaxlm.generation.programs import decoder_program, decoding_model
 from jaxlm.generation.sampling import Sampling
 from jaxlm.model_config import ModelConfig
-from jaxlm.models import build_model
+from jaxlm.models import build_model, layers
+from jaxlm.models.layers import OUTPUT_MAJOR
 
 TIGHT = dict(rtol=1e-5, atol=1e-5)
 PROMPTS = [[5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [42], [9, 9, 3, 4, 60]]
@@ -77,6 +79,51 @@ def test_cached_greedy_matches_full_recompute(name):
         np.testing.assert_allclose(logits, expected, **TIGHT)
         assert tokens == expected.argmax(-1).tolist()
     assert len({t for row in greedy.tokens for t in row}) > 1, "weights too tame to test"
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_output_major_steps_match_plain_steps(name, monkeypatch):
+    """Decoding steps on CPU read output-major kernels (layers.OUTPUT_MAJOR) when the
+    kernels are big; these are small, so lower the bar and decode again."""
+    model, params, greedy = _greedy(name)
+    monkeypatch.setattr(layers, "OUTPUT_MAJOR_MIN_BYTES", 0)
+    P.decoder_program.cache_clear()
+    P.encdec_program.cache_clear()
+    try:
+        assert OUTPUT_MAJOR in P._made_by_first(params, len(PROMPTS))
+        made = _output_major_leaves(name, model, params)
+        decoding = [p for p, _ in _leaves(params) if p[0].key != "encoder"]  # T5's runs once
+        n_kernels = sum(p[-1].key == "kernel" for p in decoding)
+        assert len(made) == n_kernels + model.config.resolved().tie_embeddings
+        again = generate_ids(model, params, PROMPTS, max_new_tokens=NEW, return_logits=True)
+    finally:
+        P.decoder_program.cache_clear()
+        P.encdec_program.cache_clear()
+    assert again.tokens == greedy.tokens
+    for logits, expected in zip(again.logits, greedy.logits, strict=True):
+        np.testing.assert_allclose(logits, expected, **TIGHT)
+
+
+def _leaves(tree):
+    return jax.tree_util.tree_flatten_with_path(tree)[0]
+
+
+def _output_major_leaves(name, model, params):
+    """The output-major collection a prefill makes: kernels transposed to (out, in)."""
+    tokens = jnp.ones((2, 3), jnp.int32)
+    run = decoding_model(model)
+    if name == "t5":
+        enc = run.apply({"params": params}, tokens, method=run.encode)
+        _, made = run.apply(
+            {"params": params}, tokens[:, :1], enc, None, jnp.ones((2, 4), jnp.int32),
+            cache_index=jnp.int32(0), method=run.decode, mutable=["cache", OUTPUT_MAJOR],
+        )  # fmt: skip
+    else:
+        _, made = run.apply(
+            {"params": params}, tokens, cache_index=jnp.int32(0),
+            key_valid_BS=jnp.ones((2, 8), bool), mutable=["cache", OUTPUT_MAJOR],
+        )  # fmt: skip
+    return _leaves(made[OUTPUT_MAJOR])
 
 
 def test_sampling_is_reproducible_and_top_k_1_is_greedy():

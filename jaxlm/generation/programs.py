@@ -29,7 +29,8 @@ from flax import linen as nn
 
 from jaxlm.generation.sampling import next_token
 from jaxlm.models.encdec import T5
-from jaxlm.runtime import compiler_options
+from jaxlm.models.layers import OUTPUT_MAJOR
+from jaxlm.runtime import compiler_options, output_major_kernels
 
 Cache = Any
 
@@ -64,7 +65,8 @@ def _decode_loop(
     return_logits: bool,
 ) -> dict[str, jax.Array]:
     """`first()` gives the logits of the first new token and the filled cache;
-    `step(cache, tokens_B, i)` feeds new token i - 1 and gives the logits of token i.
+    `step(cache, tokens_B, i)` feeds new token i - 1 and gives the logits of token i
+    (the cache: whatever `first` made for the steps).
     A row is done after it emits an EOS id or ends a stop sequence; later tokens are
     `pad_id` (Hugging Face's semantics)."""
     batch = active_B.shape[0]
@@ -109,16 +111,25 @@ def _decode_loop(
     return out
 
 
+def _made_by_first(params: Any, batch: int) -> list[str]:
+    """The collections the first call makes for the steps: the KV cache, and on CPU
+    output-major kernels where they pay (`jaxlm.runtime.output_major_kernels`)."""
+    weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))
+    return ["cache", OUTPUT_MAJOR] if output_major_kernels(batch, weight_bytes) else ["cache"]
+
+
 @functools.cache
 def decoder_program(
     model: nn.Module, static: tuple[bool, int, bool], pad_id: int, return_logits: bool, batch: int
 ) -> Callable:
-    """jit(run) for a decoder-only model and `batch` rows (it picks the XLA options);
-    `n_new` (the token buffer) is static."""
+    """jit(run) for a decoder-only model and `batch` rows (it picks the XLA options,
+    and whether the prefill makes output-major kernels for the steps); `n_new` (the
+    token buffer) is static."""
 
     def run(
         params, prompt_BP, pad_B, active_B, max_new, eos_E, stops_XM, key, temperature, top_p, n_new
     ):
+        made = _made_by_first(params, batch)
         prompt_len = prompt_BP.shape[1]
         cache_len = prompt_len + n_new
         key_valid_BS = jnp.arange(cache_len)[None, :] >= pad_B[:, None]
@@ -131,21 +142,21 @@ def decoder_program(
                 positions_BL=positions_BP,
                 cache_index=jnp.int32(0),
                 key_valid_BS=key_valid_BS,
-                mutable=["cache"],
+                mutable=made,
             )
-            return logits[:, -1], variables["cache"]
+            return logits[:, -1], variables
 
-        def step(cache, tokens_B, i):
+        def step(variables, tokens_B, i):
             slot = prompt_len + i - 1
-            logits, variables = model.apply(
-                {"params": params, "cache": cache},
+            logits, cache = model.apply(
+                {"params": params, **variables},
                 tokens_B[:, None],
                 positions_BL=(slot - pad_B)[:, None],
                 cache_index=slot,
                 key_valid_BS=key_valid_BS,
                 mutable=["cache"],
             )
-            return logits[:, -1], variables["cache"]
+            return logits[:, -1], {**variables, **cache}
 
         return _decode_loop(
             first, step, active_B, n_new, max_new, eos_E, stops_XM, key, static,
@@ -184,25 +195,27 @@ def encdec_program(
         enc_BSD = model.apply({"params": params}, src_BS, src_mask_BS, method=T5.encode)
         slots_BN = jnp.ones((batch, n_new), jnp.int32)
 
-        def decode(variables, tokens_B, slot):
-            logits, variables = model.apply(
-                variables,
+        made = _made_by_first(params, batch)
+
+        def decode(variables, tokens_B, slot, mutable):
+            logits, made_now = model.apply(
+                {"params": params, **variables},
                 tokens_B[:, None],
                 enc_BSD,
                 src_mask_BS,
                 slots_BN,
                 cache_index=slot,
                 method=T5.decode,
-                mutable=["cache"],
+                mutable=mutable,
             )
-            return logits[:, -1], variables["cache"]
+            return logits[:, -1], {**variables, **made_now}
 
         def first():
             start_B = jnp.full((batch,), start_id, jnp.int32)
-            return decode({"params": params}, start_B, jnp.int32(0))
+            return decode({}, start_B, jnp.int32(0), made)
 
-        def step(cache, tokens_B, i):
-            return decode({"params": params, "cache": cache}, tokens_B, i)
+        def step(variables, tokens_B, i):
+            return decode(variables, tokens_B, i, ["cache"])
 
         return _decode_loop(
             first, step, active_B, n_new, max_new, eos_E, stops_XM, key, static,

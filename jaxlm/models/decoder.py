@@ -19,7 +19,7 @@ from flax import linen as nn
 
 from jaxlm.config import ModelConfig
 from jaxlm.models.attention import SelfAttention, attention_mask, cache_mask, uses_bias
-from jaxlm.models.layers import MLPS, logical, make_norm
+from jaxlm.models.layers import MLPS, EinsumDense, logical, make_norm, tied_logits
 from jaxlm.models.rope import rope_scaling
 from jaxlm.models.stack import stack_layers
 
@@ -147,12 +147,12 @@ class Decoder(nn.Module):
 
         x = make_norm(c.norm, c.layer_norm_eps, c.use_bias, dtype, param_dtype, "ln_final")(x)
         if c.tie_embeddings:
-            logits = embed.attend(x)
+            logits = tied_logits(self, embed, x)
         else:
-            logits = nn.Dense(
-                c.vocab_size,
-                use_bias=False,
-                kernel_init=logical(nn.initializers.normal(0.02), ("embed", "vocab")),
+            logits = EinsumDense(
+                "bld,dv->blv",
+                (c.d_model, c.vocab_size),
+                ("embed", "vocab"),
                 dtype=dtype,
                 param_dtype=param_dtype,
                 name="lm_head",

@@ -32,7 +32,7 @@ from flax import linen as nn
 
 from jaxlm.config import ModelConfig
 from jaxlm.models.attention import SelfAttention
-from jaxlm.models.layers import MLPS, logical, rms_norm
+from jaxlm.models.layers import INIT_STD, MLPS, EinsumDense, logical, rms_norm, tied_logits
 from jaxlm.models.stack import REMAT_POLICIES
 
 NEG_INF = float(jnp.finfo(jnp.float32).min)  # finite, so a fully padded row stays finite
@@ -250,10 +250,11 @@ class T5(nn.Module):
         self.decoder = T5Stack(c, True, c.n_decoder_layers or c.n_layers, self.deterministic)
         self.dropout = nn.Dropout(c.dropout)
         if not c.tie_embeddings:  # T5 v1.1's separate head, without the rescaling
-            self.lm_head = nn.Dense(
-                c.vocab_size,
-                use_bias=False,
-                kernel_init=logical(nn.initializers.normal(c.d_model**-0.5), ("embed", "vocab")),
+            self.lm_head = EinsumDense(
+                "bld,dv->blv",
+                (c.d_model, c.vocab_size),
+                ("embed", "vocab"),
+                init_scale=c.d_model**-0.5 / INIT_STD,
                 dtype=dtype,
                 param_dtype=param_dtype,
             )
@@ -297,7 +298,7 @@ class T5(nn.Module):
         )
         if self.c.tie_embeddings:
             # T5's tied head rescales the decoder output before the shared embedding.
-            logits = self.embed.attend(x * self.c.d_model**-0.5)
+            logits = tied_logits(self, self.embed, x * self.c.d_model**-0.5)
         else:
             logits = self.lm_head(x)
         logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))

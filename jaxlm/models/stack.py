@@ -10,6 +10,7 @@ import jax
 from flax import linen as nn
 
 from jaxlm.config import ModelConfig
+from jaxlm.models.layers import OUTPUT_MAJOR
 
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -27,7 +28,8 @@ def stack_layers(
     if c.scan_layers:
         stack = nn.scan(
             block,
-            variable_axes={"params": 0, "cache": 0},  # "cache": decoding's KV cache
+            # "cache": decoding's KV cache; OUTPUT_MAJOR: its steps' kernels (layers.py)
+            variable_axes={"params": 0, "cache": 0, OUTPUT_MAJOR: 0},
             split_rngs={"params": True, "dropout": True},
             in_axes=(nn.broadcast,) * len(args),
             length=c.n_layers,
