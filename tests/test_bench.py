@@ -78,6 +78,19 @@ def test_cpu_compiler_options_yield_to_the_user(monkeypatch):
     assert runtime.compiler_options("cpu") is None
 
 
+def test_output_major_kernels_for_few_rows_on_cpu(monkeypatch):
+    from jaxlm import runtime
+
+    big, small = 500 * 2**20, 20 * 2**20  # GPT-2 small's weights, tiny's
+    assert runtime.output_major_kernels(8, small, "cpu")
+    assert runtime.output_major_kernels(1, big, "cpu")
+    assert not runtime.output_major_kernels(1, small, "cpu")  # cached: Eigen's matvec wins
+    assert not runtime.output_major_kernels(runtime.FEW_ROWS + 1, big, "cpu")
+    assert not runtime.output_major_kernels(8, big, "tpu")
+    monkeypatch.setenv("JAXLM_XLA_DEFAULTS", "0")
+    assert not runtime.output_major_kernels(8, big, "cpu")
+
+
 def test_process_env_adds_the_malloc_tunable_once():
     from jaxlm import runtime
 

@@ -13,7 +13,9 @@ inputs; the decoder starts every row from the same start token.
 
 Programs compile with jaxlm's XLA options for their batch (`jaxlm.runtime`: on CPU,
 Eigen's matrix-vector path for one row, about 1.7x YNNPACK on the tiny config; YNNPACK
-for 2 or more rows, 1.3-2.8x Eigen).
+for 2 or more rows, 1.3-2.8x Eigen). On CPU the prefill also leaves the steps
+output-major copies of the big kernels (`jaxlm.models.layers.OUTPUT_MAJOR`), which
+XLA's GEMMs stream once for all rows: GPT-2 small at 8 rows 1.26-1.48x.
 """
 
 from __future__ import annotations
