@@ -64,7 +64,7 @@ CACHED_WEIGHT_BYTES = 64 * 2**20
 
 def output_major_kernels(rows: int, weight_bytes: int, platform: str | None = None) -> bool:
     """Should a decoding program of `rows` rows over `weight_bytes` of weights give its
-    steps output-major kernels (`jaxlm.models.layers.OUTPUT_MAJOR`)? On CPU: XLA's
+    steps output-major kernels (`jaxlm.models.projection.OUTPUT_MAJOR`)? On CPU: XLA's
     GEMMs stream an (N, K) weight once for all rows of (N, K) x (rows, K)^T but read a
     (K, N) one at about 13 GB/s, so 2..FEW_ROWS rows gain (GPT-2 small, 8 rows:
     1.26-1.48x; tiny: 1.09-1.13x). One row gains only when the weights come from

@@ -19,8 +19,8 @@ from jaxlm.generation import programs as P
 from jaxlm.generation.programs import decoder_program, decoding_model
 from jaxlm.generation.sampling import Sampling
 from jaxlm.model_config import ModelConfig
-from jaxlm.models import build_model, layers
-from jaxlm.models.layers import OUTPUT_MAJOR
+from jaxlm.models import build_model, projection
+from jaxlm.models.projection import OUTPUT_MAJOR
 
 TIGHT = dict(rtol=1e-5, atol=1e-5)
 PROMPTS = [[5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [42], [9, 9, 3, 4, 60]]
@@ -83,10 +83,10 @@ def test_cached_greedy_matches_full_recompute(name):
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_output_major_steps_match_plain_steps(name, monkeypatch):
-    """Decoding steps on CPU read output-major kernels (layers.OUTPUT_MAJOR) when the
+    """Decoding steps on CPU read output-major kernels (projection.OUTPUT_MAJOR) when the
     kernels are big; these are small, so lower the bar and decode again."""
     model, params, greedy = _greedy(name)
-    monkeypatch.setattr(layers, "OUTPUT_MAJOR_MIN_BYTES", 0)
+    monkeypatch.setattr(projection, "OUTPUT_MAJOR_MIN_BYTES", 0)
     P.decoder_program.cache_clear()
     P.encdec_program.cache_clear()
     try:

@@ -14,7 +14,7 @@ inputs; the decoder starts every row from the same start token.
 Programs compile with jaxlm's XLA options for their batch (`jaxlm.runtime`: on CPU,
 Eigen's matrix-vector path for one row, about 1.7x YNNPACK on the tiny config; YNNPACK
 for 2 or more rows, 1.3-2.8x Eigen). On CPU the prefill also leaves the steps
-output-major copies of the big kernels (`jaxlm.models.layers.OUTPUT_MAJOR`), which
+output-major copies of the big kernels (`jaxlm.models.projection.OUTPUT_MAJOR`), which
 XLA's GEMMs stream once for all rows: GPT-2 small at 8 rows 1.26-1.48x.
 """
 
@@ -31,7 +31,7 @@ from flax import linen as nn
 
 from jaxlm.generation.sampling import next_token
 from jaxlm.models.encdec import T5
-from jaxlm.models.layers import OUTPUT_MAJOR
+from jaxlm.models.projection import OUTPUT_MAJOR
 from jaxlm.runtime import compiler_options, output_major_kernels
 
 Cache = Any

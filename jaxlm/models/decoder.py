@@ -19,7 +19,8 @@ from flax import linen as nn
 
 from jaxlm.config import ModelConfig
 from jaxlm.models.attention import SelfAttention, attention_mask, cache_mask, uses_bias
-from jaxlm.models.layers import MLPS, EinsumDense, logical, make_norm, tied_logits
+from jaxlm.models.layers import MLPS, EinsumDense, logical, make_norm
+from jaxlm.models.projection import tied_logits
 from jaxlm.models.rope import rope_scaling
 from jaxlm.models.stack import stack_layers
 

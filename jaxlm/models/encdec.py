@@ -32,7 +32,8 @@ from flax import linen as nn
 
 from jaxlm.config import ModelConfig
 from jaxlm.models.attention import SelfAttention
-from jaxlm.models.layers import INIT_STD, MLPS, EinsumDense, logical, rms_norm, tied_logits
+from jaxlm.models.layers import INIT_STD, MLPS, EinsumDense, logical, rms_norm
+from jaxlm.models.projection import tied_logits
 from jaxlm.models.stack import REMAT_POLICIES
 
 NEG_INF = float(jnp.finfo(jnp.float32).min)  # finite, so a fully padded row stays finite

@@ -10,7 +10,7 @@ import jax
 from flax import linen as nn
 
 from jaxlm.config import ModelConfig
-from jaxlm.models.layers import OUTPUT_MAJOR
+from jaxlm.models.projection import OUTPUT_MAJOR
 
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
