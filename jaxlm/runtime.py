@@ -46,12 +46,9 @@ def compiler_options(platform: str | None = None, rows: int = 0) -> dict[str, An
     """The options for `platform` (default: JAX's default backend), or None for none.
     `rows` > 1 is the row count of a program whose matmuls are all that small (a
     decoding step's batch); 0 is anything else (training, eval, prefill-heavy work)."""
-    if os.environ.get("JAXLM_XLA_DEFAULTS", "1") == "0":
+    if not _defaults_on():
         return None
-    if platform is None:
-        import jax  # here, so the CLI can re-execute itself before JAX loads
-
-        platform = jax.default_backend()
+    platform = _platform(platform)
     user_flags = os.environ.get("XLA_FLAGS", "")
     table = FEW_ROWS_OPTIONS if 1 < rows <= FEW_ROWS else COMPILER_OPTIONS
     options = {k: v for k, v in table.get(platform, {}).items() if f"--{k}" not in user_flags}
@@ -70,13 +67,22 @@ def output_major_kernels(rows: int, weight_bytes: int, platform: str | None = No
     1.26-1.48x; tiny: 1.09-1.13x). One row gains only when the weights come from
     memory (GPT-2 small 1.07-1.15x; tiny, in cache, 0.9-0.98x). Measured in
     benchmarks/README.md."""
-    if os.environ.get("JAXLM_XLA_DEFAULTS", "1") == "0" or rows > FEW_ROWS:
+    if not _defaults_on() or rows > FEW_ROWS:
         return False
+    return _platform(platform) == "cpu" and (rows > 1 or weight_bytes > CACHED_WEIGHT_BYTES)
+
+
+def _defaults_on() -> bool:
+    return os.environ.get("JAXLM_XLA_DEFAULTS", "1") != "0"
+
+
+def _platform(platform: str | None) -> str:
+    """`platform`, or JAX's default backend when None."""
     if platform is None:
-        import jax
+        import jax  # here, so the CLI can re-execute itself before JAX loads
 
         platform = jax.default_backend()
-    return platform == "cpu" and (rows > 1 or weight_bytes > CACHED_WEIGHT_BYTES)
+    return platform
 
 
 MALLOC_TUNABLE = "glibc.malloc.hugetlb=1"  # THP for glibc's big blocks ("madvise" mode)

@@ -28,7 +28,7 @@ def stack_layers(
     if c.scan_layers:
         stack = nn.scan(
             block,
-            # "cache": decoding's KV cache; OUTPUT_MAJOR: its steps' kernels (layers.py)
+            # "cache": decoding's KV cache; OUTPUT_MAJOR: its steps' kernels (projection.py)
             variable_axes={"params": 0, "cache": 0, OUTPUT_MAJOR: 0},
             split_rngs={"params": True, "dropout": True},
             in_axes=(nn.broadcast,) * len(args),
