@@ -8,14 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from jaxlm.models.projection import (
-    OUTPUT_MAJOR,
-    makes_output_major,
-    output_major,
-    output_major_projection,
-    projection,
-    reads_output_major,
-)
+from jaxlm.models.projection import module_projection
 
 Initializer = Callable[..., jax.Array]
 INIT_STD = 0.02  # GPT-2's
@@ -86,14 +79,7 @@ class EinsumDense(nn.Module):
             self.kernel_shape,
             self.param_dtype,
         )
-        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-        if reads_output_major(self, "kernel"):
-            y = output_major_projection(self.equation, x, self.get_variable(OUTPUT_MAJOR, "kernel"))
-        else:
-            om = output_major(self.equation, kernel) if makes_output_major(self, kernel) else None
-            if om is not None:
-                self.put_variable(OUTPUT_MAJOR, "kernel", om)
-            y = projection(self.equation, x, kernel)
+        y = module_projection(self, self.equation, x.astype(self.dtype), kernel.astype(self.dtype))
         if self.bias_axes:
             n = len(self.bias_axes)
             bias_init = logical(nn.initializers.zeros, self.bias_axes)

@@ -47,7 +47,7 @@ def projection(equation: str, x: jax.Array, kernel: jax.Array) -> jax.Array:
     return jax.lax.dot_general(x, kernel, (dims, ((), ())))
 
 
-def output_major(equation: str, kernel: jax.Array) -> jax.Array | None:
+def _output_major(equation: str, kernel: jax.Array) -> jax.Array | None:
     """The kernel transposed to (kept axes..., contracted axes...), or None for an
     equation `projection` hands to einsum."""
     axes = projection_axes(equation)
@@ -78,14 +78,14 @@ def output_major_projection(equation: str, x: jax.Array, kernel_om: jax.Array) -
 OUTPUT_MAJOR_MIN_BYTES = 2 * 2**20
 
 
-def reads_output_major(module: nn.Module, name: str) -> bool:
+def _reads_output_major(module: nn.Module, name: str) -> bool:
     """Does `module` read its output-major `name` (applied with it, not making it)?"""
     return module.has_variable(OUTPUT_MAJOR, name) and not module.is_mutable_collection(
         OUTPUT_MAJOR
     )
 
 
-def makes_output_major(module: nn.Module, kernel: jax.Array) -> bool:
+def _makes_output_major(module: nn.Module, kernel: jax.Array) -> bool:
     """Should `module` put an output-major copy of `kernel` (applied with OUTPUT_MAJOR
     mutable, not initialising, and the kernel big enough)?"""
     return (
@@ -100,9 +100,22 @@ def tied_logits(module: nn.Module, embed: nn.Embed, x: jax.Array) -> jax.Array:
     (V, D) is output-major already, so `module` keeps only a marker that its decoding
     steps should read it in that order."""
     table_VD = embed.embedding
-    if reads_output_major(module, "tied_head"):
+    if _reads_output_major(module, "tied_head"):
         dtype = embed.dtype or x.dtype
         return output_major_projection("bld,dv->blv", x.astype(dtype), table_VD.astype(dtype))
-    if makes_output_major(module, table_VD):
+    if _makes_output_major(module, table_VD):
         module.put_variable(OUTPUT_MAJOR, "tied_head", jnp.zeros((), jnp.bool_))
     return embed.attend(x)
+
+
+def module_projection(
+    module: nn.Module, equation: str, x: jax.Array, kernel: jax.Array
+) -> jax.Array:
+    """`projection(equation, x, kernel)` for `module`'s own kernel: in a decoding
+    program's steps from the output-major copy, and in its prefill making that copy."""
+    if _reads_output_major(module, "kernel"):
+        return output_major_projection(equation, x, module.get_variable(OUTPUT_MAJOR, "kernel"))
+    kernel_om = _output_major(equation, kernel) if _makes_output_major(module, kernel) else None
+    if kernel_om is not None:
+        module.put_variable(OUTPUT_MAJOR, "kernel", kernel_om)
+    return projection(equation, x, kernel)
