@@ -87,18 +87,24 @@ def test_output_major_steps_match_plain_steps(name, monkeypatch):
     kernels are big; these are small, so lower the bar and decode again."""
     model, params, greedy = _greedy(name)
     monkeypatch.setattr(projection, "OUTPUT_MAJOR_MIN_BYTES", 0)
-    P.decoder_program.cache_clear()
-    P.encdec_program.cache_clear()
+    P.clear_caches()
     try:
-        assert OUTPUT_MAJOR in P._made_by_first(params, len(PROMPTS))
-        made = _output_major_leaves(name, model, params)
+        run = decoding_model(model)
+        made = dict(_leaves(P.step_kernels(run, params, len(PROMPTS))[OUTPUT_MAJOR]))
         decoding = [p for p, _ in _leaves(params) if p[0].key != "encoder"]  # T5's runs once
         n_kernels = sum(p[-1].key == "kernel" for p in decoding)
         assert len(made) == n_kernels + model.config.resolved().tie_embeddings
+        for path, kernel in _leaves(params):
+            if path in made and kernel.ndim == 2:  # (in, out) -> (out, in)
+                np.testing.assert_array_equal(made[path], np.asarray(kernel).T)
         again = generate_ids(model, params, PROMPTS, max_new_tokens=NEW, return_logits=True)
+        # Kept for these params: the same arrays, not transposed again.
+        kept = P.step_kernels(run, params, len(PROMPTS))
+        assert kept is P.step_kernels(run, params, len(PROMPTS))
+        fresh = jax.tree_util.tree_map(jnp.array, params)
+        assert P.step_kernels(run, fresh, len(PROMPTS)) is not kept
     finally:
-        P.decoder_program.cache_clear()
-        P.encdec_program.cache_clear()
+        P.clear_caches()
     assert again.tokens == greedy.tokens
     for logits, expected in zip(again.logits, greedy.logits, strict=True):
         np.testing.assert_allclose(logits, expected, **TIGHT)
@@ -106,24 +112,6 @@ def test_output_major_steps_match_plain_steps(name, monkeypatch):
 
 def _leaves(tree):
     return jax.tree_util.tree_flatten_with_path(tree)[0]
-
-
-def _output_major_leaves(name, model, params):
-    """The output-major collection a prefill makes: kernels transposed to (out, in)."""
-    tokens = jnp.ones((2, 3), jnp.int32)
-    run = decoding_model(model)
-    if name == "t5":
-        enc = run.apply({"params": params}, tokens, method=run.encode)
-        _, made = run.apply(
-            {"params": params}, tokens[:, :1], enc, None, jnp.ones((2, 4), jnp.int32),
-            cache_index=jnp.int32(0), method=run.decode, mutable=["cache", OUTPUT_MAJOR],
-        )  # fmt: skip
-    else:
-        _, made = run.apply(
-            {"params": params}, tokens, cache_index=jnp.int32(0),
-            key_valid_BS=jnp.ones((2, 8), bool), mutable=["cache", OUTPUT_MAJOR],
-        )  # fmt: skip
-    return _leaves(made[OUTPUT_MAJOR])
 
 
 def test_sampling_is_reproducible_and_top_k_1_is_greedy():

@@ -18,7 +18,12 @@ import numpy as np
 from flax import linen as nn
 
 from jaxlm.errors import JaxlmError
-from jaxlm.generation.programs import decoder_program, decoding_model, encdec_program
+from jaxlm.generation.programs import (
+    decoder_program,
+    decoding_model,
+    encdec_program,
+    step_kernels,
+)
 from jaxlm.generation.sampling import Sampling
 from jaxlm.models.decoder import Decoder
 from jaxlm.models.encdec import T5
@@ -141,16 +146,18 @@ def generate_ids(
         context.enter_context(jax.set_mesh(mesh))
         context.enter_context(nn.logical_axis_rules(rules or ()))
     with context:
+        kernels = step_kernels(run_model, params, batch)
         if isinstance(model, Decoder):
             program = decoder_program(run_model, sampling.static, pad_id, return_logits, batch)
             pad = jnp.asarray(width - lengths)
-            out = program(params, jnp.asarray(tokens), pad, *common, n_new=n_new)
+            out = program(params, kernels, jnp.asarray(tokens), pad, *common, n_new=n_new)
         else:
             program = encdec_program(
                 run_model, sampling.static, pad_id, decoder_start_id, return_logits, batch
             )
             src_mask = np.arange(width)[None, :] < lengths[:, None]
-            out = program(params, jnp.asarray(tokens), jnp.asarray(src_mask), *common, n_new=n_new)
+            src = (jnp.asarray(tokens), jnp.asarray(src_mask))
+            out = program(params, kernels, *src, *common, n_new=n_new)
     out = jax.device_get(out)
     new_lengths = out["length"][:n_rows]
     result = Generation([out["tokens"][i, :n].tolist() for i, n in enumerate(new_lengths)])

@@ -13,8 +13,8 @@ inputs; the decoder starts every row from the same start token.
 
 Programs compile with jaxlm's XLA options for their batch (`jaxlm.runtime`: on CPU,
 Eigen's matrix-vector path for one row, about 1.7x YNNPACK on the tiny config; YNNPACK
-for 2 or more rows, 1.3-2.8x Eigen). On CPU the prefill also leaves the steps
-output-major copies of the big kernels (`jaxlm.models.projection.OUTPUT_MAJOR`), which
+for 2 or more rows, 1.3-2.8x Eigen). On CPU the steps also read output-major copies of
+the big kernels (`jaxlm.models.projection.OUTPUT_MAJOR`, made by `step_kernels`), which
 XLA's GEMMs stream once for all rows: GPT-2 small at 8 rows 1.26-1.48x.
 """
 
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -113,25 +114,80 @@ def _decode_loop(
     return out
 
 
-def _made_by_first(params: Any, batch: int) -> list[str]:
-    """The collections the first call makes for the steps: the KV cache, and on CPU
-    output-major kernels where they pay (`jaxlm.runtime.output_major_kernels`)."""
-    weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))
-    return ["cache", OUTPUT_MAJOR] if output_major_kernels(batch, weight_bytes) else ["cache"]
+@functools.cache
+def output_major_program(model: nn.Module) -> Callable:
+    """jit(params -> {OUTPUT_MAJOR: ...}): the kernels a decoding step reads, transposed
+    to (out axes, in axes), from one dummy decoding apply whose compute XLA drops ({}
+    when no kernel is big enough, `projection.OUTPUT_MAJOR_MIN_BYTES`)."""
+
+    def make(params: Any) -> dict[str, Any]:
+        one_B1 = jnp.zeros((1, 1), jnp.int32)
+        mutable = ["cache", OUTPUT_MAJOR]
+        if isinstance(model, T5):
+            enc_BSD = jnp.zeros((1, 1, model.config.resolved().d_model), jnp.float32)
+            _, made = model.apply(
+                {"params": params}, one_B1, enc_BSD, None, one_B1 + 1,
+                cache_index=jnp.int32(0), method=T5.decode, mutable=mutable,
+            )  # fmt: skip
+        else:
+            _, made = model.apply(
+                {"params": params}, one_B1, cache_index=jnp.int32(0),
+                key_valid_BS=jnp.ones((1, 1), bool), mutable=mutable,
+            )  # fmt: skip
+        return {OUTPUT_MAJOR: made[OUTPUT_MAJOR]} if OUTPUT_MAJOR in made else {}
+
+    return jax.jit(make)
+
+
+# (model, weak references to the param leaves, their step kernels): the latest only.
+_latest_kernels: list[tuple[nn.Module, list[weakref.ref], dict[str, Any]]] = []
+
+
+def step_kernels(model: nn.Module, params: Any, batch: int) -> dict[str, Any]:
+    """What a decoding step reads besides params and cache: on CPU, where they pay
+    (`jaxlm.runtime.output_major_kernels`), the output-major kernels; else {}.
+
+    They are kept for the latest params, held by weak references, so generating again
+    with the same weights transposes them once, as an inference engine packs its
+    weights once (0.22 s a call on GPT-2 small). New params, or the old ones freed,
+    replace them."""
+    leaves = jax.tree_util.tree_leaves(params)
+    weight_bytes = sum(x.size * x.dtype.itemsize for x in leaves)
+    if not output_major_kernels(batch, weight_bytes):
+        return {}
+    if _latest_kernels:
+        held, refs, kernels = _latest_kernels[0]
+        if held == model and len(refs) == len(leaves):
+            if all(ref() is x for ref, x in zip(refs, leaves, strict=True)):
+                return kernels
+    _latest_kernels.clear()  # free the old copies before making new ones
+    kernels = output_major_program(model)(params)
+    try:
+        _latest_kernels.append((model, [weakref.ref(x) for x in leaves], kernels))
+    except TypeError:  # leaves that take no weak reference: not kept
+        _latest_kernels.clear()
+    return kernels
+
+
+def clear_caches() -> None:
+    """Forget compiled programs and kept kernels (after changing how they are built)."""
+    for program in (decoder_program, encdec_program, output_major_program):
+        program.cache_clear()
+    _latest_kernels.clear()
 
 
 @functools.cache
 def decoder_program(
     model: nn.Module, static: tuple[bool, int, bool], pad_id: int, return_logits: bool, batch: int
 ) -> Callable:
-    """jit(run) for a decoder-only model and `batch` rows (it picks the XLA options,
-    and whether the prefill makes output-major kernels for the steps); `n_new` (the
-    token buffer) is static."""
+    """jit(run) for a decoder-only model and `batch` rows (which picks the XLA
+    options); the steps read `kernels` (`step_kernels`) besides params and cache;
+    `n_new` (the token buffer) is static."""
 
     def run(
-        params, prompt_BP, pad_B, active_B, max_new, eos_E, stops_XM, key, temperature, top_p, n_new
-    ):
-        made = _made_by_first(params, batch)
+        params, kernels, prompt_BP, pad_B, active_B, max_new, eos_E, stops_XM, key,
+        temperature, top_p, n_new,
+    ):  # fmt: skip
         prompt_len = prompt_BP.shape[1]
         cache_len = prompt_len + n_new
         key_valid_BS = jnp.arange(cache_len)[None, :] >= pad_B[:, None]
@@ -144,9 +200,9 @@ def decoder_program(
                 positions_BL=positions_BP,
                 cache_index=jnp.int32(0),
                 key_valid_BS=key_valid_BS,
-                mutable=made,
+                mutable=["cache"],
             )
-            return logits[:, -1], variables
+            return logits[:, -1], {**kernels, **variables}
 
         def step(variables, tokens_B, i):
             slot = prompt_len + i - 1
@@ -178,10 +234,11 @@ def encdec_program(
     batch: int,
 ) -> Callable:
     """jit(run) for an encoder-decoder and `batch` rows: encode once, then decode from
-    the start token."""
+    the start token; the steps read `kernels` as the decoder program's do."""
 
     def run(
         params,
+        kernels,
         src_BS,
         src_mask_BS,
         active_B,
@@ -196,8 +253,6 @@ def encdec_program(
         batch = src_BS.shape[0]
         enc_BSD = model.apply({"params": params}, src_BS, src_mask_BS, method=T5.encode)
         slots_BN = jnp.ones((batch, n_new), jnp.int32)
-
-        made = _made_by_first(params, batch)
 
         def decode(variables, tokens_B, slot, mutable):
             logits, made_now = model.apply(
@@ -214,7 +269,8 @@ def encdec_program(
 
         def first():
             start_B = jnp.full((batch,), start_id, jnp.int32)
-            return decode({}, start_B, jnp.int32(0), made)
+            logits_B, cache = decode({}, start_B, jnp.int32(0), ["cache"])
+            return logits_B, {**kernels, **cache}
 
         def step(variables, tokens_B, i):
             return decode(variables, tokens_B, i, ["cache"])
