@@ -110,6 +110,24 @@ def test_output_major_steps_match_plain_steps(name, monkeypatch):
         np.testing.assert_allclose(logits, expected, **TIGHT)
 
 
+@pytest.mark.parametrize("name", ["gpt2", "llama-gqa-window-scan"])
+def test_phased_cache_matches_one_phase(name, monkeypatch):
+    """Decoder steps attend a cache that grows by phases (P.cache_phases); force four
+    phases of two slots on 8 new tokens: same tokens and logits as one phase."""
+    model, params, greedy = _greedy(name)
+    monkeypatch.setattr(P, "PHASE_SLOTS", 2)
+    monkeypatch.setattr(P, "MAX_PHASES", 4)
+    assert len(P.cache_phases(11, 8)) == 4
+    P.clear_caches()
+    try:
+        again = generate_ids(model, params, PROMPTS, max_new_tokens=NEW, return_logits=True)
+    finally:
+        P.clear_caches()
+    assert again.tokens == greedy.tokens
+    for logits, expected in zip(again.logits, greedy.logits, strict=True):
+        np.testing.assert_allclose(logits, expected, **TIGHT)
+
+
 def _leaves(tree):
     return jax.tree_util.tree_flatten_with_path(tree)[0]
 

@@ -15,6 +15,7 @@ Cross-attention caches the projected encoder keys and values once.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -172,6 +173,22 @@ def _key_layout(x_BLKH: jax.Array) -> jax.Array:
 
 def _value_layout(x_BLKH: jax.Array) -> jax.Array:
     return nn.with_logical_constraint(x_BLKH.transpose(0, 2, 1, 3), VALUE_CACHE_AXES)
+
+
+def grow_cache(cache: Any, length: int) -> Any:
+    """A decoder's self-attention KV cache (the `cache` collection) with every key and
+    value padded with empty slots to `length`, so decoding can go on attending only the
+    slots written so far plus the next few (`jaxlm.generation.programs`). Not for
+    cross-attention caches, whose length is the source's."""
+
+    def grow(path: tuple[Any, ...], x: jax.Array) -> jax.Array:
+        axes = KEY_CACHE_AXES if path[-1].key == "cached_key" else VALUE_CACHE_AXES
+        axis = x.ndim - len(axes) + axes.index("length")  # scanned stacks lead with layers
+        widths = [(0, 0)] * x.ndim
+        widths[axis] = (0, length - x.shape[axis])
+        return jnp.pad(x, widths)
+
+    return jax.tree_util.tree_map_with_path(grow, cache)
 
 
 def cached_attention(
