@@ -21,6 +21,7 @@ from jaxlm.generation.sampling import Sampling, greedy_token
 from jaxlm.model_config import ModelConfig
 from jaxlm.models import build_model, projection
 from jaxlm.models.projection import OUTPUT_MAJOR
+from jaxlm.models.stack import unstack_layers
 
 TIGHT = dict(rtol=1e-5, atol=1e-5)
 PROMPTS = [[5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [42], [9, 9, 3, 4, 60]]
@@ -91,10 +92,11 @@ def test_output_major_steps_match_plain_steps(name, monkeypatch):
     try:
         run = decoding_model(model)
         made = dict(_leaves(P.step_kernels(run, params, len(PROMPTS))[OUTPUT_MAJOR]))
-        decoding = [p for p, _ in _leaves(params) if p[0].key != "encoder"]  # T5's runs once
+        unrolled = _leaves(unstack_layers(params))  # decoding runs scanned stacks unrolled
+        decoding = [p for p, _ in unrolled if p[0].key != "encoder"]  # T5's runs once
         n_kernels = sum(p[-1].key == "kernel" for p in decoding)
         assert len(made) == n_kernels + model.config.resolved().tie_embeddings
-        for path, kernel in _leaves(params):
+        for path, kernel in unrolled:
             if path in made and kernel.ndim == 2:  # (in, out) -> (out, in)
                 np.testing.assert_array_equal(made[path], np.asarray(kernel).T)
         again = generate_ids(model, params, PROMPTS, max_new_tokens=NEW, return_logits=True)

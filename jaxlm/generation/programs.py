@@ -34,14 +34,16 @@ from jaxlm.generation.sampling import next_token
 from jaxlm.models.attention import grow_cache
 from jaxlm.models.encdec import T5
 from jaxlm.models.projection import OUTPUT_MAJOR
+from jaxlm.models.stack import unstack_layers
 from jaxlm.runtime import compiler_options, output_major_kernels
 
 Cache = Any
 
 
 def decoding_model(model: nn.Module) -> nn.Module:
-    """The same module and params, set up for inference: no remat, deterministic."""
-    config = dataclasses.replace(model.config, remat="none")
+    """The same module, set up for inference: no remat, deterministic, layers unrolled
+    (the programs unstack scanned params themselves, `stack.unstack_layers`)."""
+    config = dataclasses.replace(model.config, remat="none", scan_layers=False)
     return model.clone(config=config, deterministic=True)
 
 
@@ -144,6 +146,7 @@ def output_major_program(model: nn.Module) -> Callable:
     when no kernel is big enough, `projection.OUTPUT_MAJOR_MIN_BYTES`)."""
 
     def make(params: Any) -> dict[str, Any]:
+        params = unstack_layers(params)
         one_B1 = jnp.zeros((1, 1), jnp.int32)
         mutable = ["cache", OUTPUT_MAJOR]
         if isinstance(model, T5):
@@ -211,6 +214,7 @@ def decoder_program(
         params, kernels, prompt_BP, pad_B, active_B, max_new, eos_E, stops_XM, key,
         temperature, top_p, n_new,
     ):  # fmt: skip
+        params = unstack_layers(params)
         prompt_len = prompt_BP.shape[1]
         lengths = cache_phases(prompt_len, n_new)
         key_valid_BS = jnp.arange(lengths[-1])[None, :] >= pad_B[:, None]
@@ -285,6 +289,7 @@ def encdec_program(
         n_new,
     ):
         batch = src_BS.shape[0]
+        params = unstack_layers(params)
         enc_BSD = model.apply({"params": params}, src_BS, src_mask_BS, method=T5.encode)
         slots_BN = jnp.ones((batch, n_new), jnp.int32)
 
