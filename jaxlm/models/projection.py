@@ -3,10 +3,10 @@ and, for decoding steps on CPU, against an output-major copy of the kernel.
 
 Decoding multiplies a few rows by every weight once per token. XLA's CPU GEMMs read a
 (K, N) weight at ~13 GB/s for (rows, K) x (K, N), but stream an (N, K) one once for all
-rows of (N, K) x (rows, K)^T at 21-37 GB/s. So a decoding program's prefill, applied
-with the OUTPUT_MAJOR collection mutable, leaves each big kernel transposed to (out
-axes, in axes) there, and its steps, applied with that collection, read it
-(`jaxlm.generation.programs`, `jaxlm.runtime.output_major_kernels`).
+rows of (N, K) x (rows, K)^T at 21-37 GB/s. So the model, applied once with the
+OUTPUT_MAJOR collection mutable, leaves each big kernel transposed to (out axes, in
+axes) there, and decoding steps, applied with that collection, read it
+(`jaxlm.generation.programs.step_kernels`, `jaxlm.runtime.output_major_kernels`).
 """
 
 from __future__ import annotations
@@ -111,8 +111,8 @@ def tied_logits(module: nn.Module, embed: nn.Embed, x: jax.Array) -> jax.Array:
 def module_projection(
     module: nn.Module, equation: str, x: jax.Array, kernel: jax.Array
 ) -> jax.Array:
-    """`projection(equation, x, kernel)` for `module`'s own kernel: in a decoding
-    program's steps from the output-major copy, and in its prefill making that copy."""
+    """`projection(equation, x, kernel)` for `module`'s own kernel: in decoding steps
+    from the output-major copy, and with OUTPUT_MAJOR mutable making that copy."""
     if _reads_output_major(module, "kernel"):
         return output_major_projection(equation, x, module.get_variable(OUTPUT_MAJOR, "kernel"))
     kernel_om = _output_major(equation, kernel) if _makes_output_major(module, kernel) else None
