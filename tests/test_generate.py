@@ -119,7 +119,7 @@ def test_phased_cache_matches_one_phase(name, monkeypatch):
     model, params, greedy = _greedy(name)
     monkeypatch.setattr(P, "PHASE_SLOTS", 2)
     monkeypatch.setattr(P, "MAX_PHASES", 4)
-    assert len(P.cache_phases(11, 8)) == 4
+    assert len(P.cache_phases(11, 8, len(PROMPTS))) == 4 and P.cache_phases(11, 8, 1) == [19]
     P.clear_caches()
     try:
         again = generate_ids(model, params, PROMPTS, max_new_tokens=NEW, return_logits=True)

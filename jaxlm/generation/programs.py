@@ -127,15 +127,17 @@ def _decode_loop(
 # Attention over the KV cache costs per slot (GPT-2 small's 8-row steps: 27 ms with
 # 64 slots, 34 ms with 160), so the steps run in phases that attend only the slots
 # written so far plus the phase's own. Each phase compiles its own loop body: 128 new
-# tokens in two phases were 1.04x faster for +0.9 s of compile, in four 1.05x for
-# +3 s (benchmarks/README.md). A phase adds at least PHASE_SLOTS slots.
+# tokens in two phases were 1.04x faster at 8 rows for +0.9 s of compile, four 1.05x
+# for +3 s; one row, which reads an eighth of that cache, gained 1.01x, so it keeps
+# one phase (benchmarks/README.md). A phase adds at least PHASE_SLOTS slots.
 PHASE_SLOTS, MAX_PHASES = 32, 2
 
 
-def cache_phases(prompt_len: int, n_new: int) -> list[int]:
-    """The KV cache's length in each decoding phase: the prompt plus an equal share of
-    the `n_new` slots per phase, at most MAX_PHASES phases of at least PHASE_SLOTS."""
-    width = max(PHASE_SLOTS, -(-n_new // MAX_PHASES))
+def cache_phases(prompt_len: int, n_new: int, rows: int) -> list[int]:
+    """The KV cache's length in each decoding phase of `rows` rows: the prompt plus an
+    equal share of the `n_new` slots per phase, at most MAX_PHASES phases of at least
+    PHASE_SLOTS (one phase for one row)."""
+    width = n_new if rows == 1 else max(PHASE_SLOTS, -(-n_new // MAX_PHASES))
     return [prompt_len + min(n_new, end) for end in range(width, n_new + width, width)]
 
 
@@ -183,9 +185,9 @@ def step_kernels(model: nn.Module, params: Any, batch: int) -> dict[str, Any]:
         return {}
     if _latest_kernels:
         held, refs, kernels = _latest_kernels[0]
-        if held == model and len(refs) == len(leaves):
-            if all(ref() is x for ref, x in zip(refs, leaves, strict=True)):
-                return kernels
+        same = held == model and len(refs) == len(leaves)
+        if same and all(ref() is x for ref, x in zip(refs, leaves, strict=True)):
+            return kernels
     _latest_kernels.clear()  # free the old copies before making new ones
     kernels = output_major_program(model)(params)
     try:
@@ -216,7 +218,7 @@ def decoder_program(
     ):  # fmt: skip
         params = unstack_layers(params)
         prompt_len = prompt_BP.shape[1]
-        lengths = cache_phases(prompt_len, n_new)
+        lengths = cache_phases(prompt_len, n_new, batch)
         key_valid_BS = jnp.arange(lengths[-1])[None, :] >= pad_B[:, None]
 
         def first():
@@ -314,8 +316,9 @@ def encdec_program(
         def step(variables, tokens_B, i, phase):
             return decode(variables, tokens_B, i, ["cache"])
 
+        one_phase = [(n_new, lambda cache: cache)]
         return _decode_loop(
-            first, step, [(n_new, lambda cache: cache)], active_B, n_new, max_new, eos_E, stops_XM, key, static,
+            first, step, one_phase, active_B, n_new, max_new, eos_E, stops_XM, key, static,
             temperature, top_p, pad_id, return_logits,
         )  # fmt: skip
 
