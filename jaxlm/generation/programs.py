@@ -58,7 +58,8 @@ def _stop_hit(window_BM: jax.Array, stops_XM: jax.Array) -> jax.Array:
 def _decode_loop(
     first: Callable[[], tuple[jax.Array, Cache]],
     step: Callable[[Cache, jax.Array, jax.Array, int], tuple[jax.Array, Cache]],
-    phases: Sequence[tuple[int, Callable[[Cache], Cache]]],
+    phase_ends: Sequence[int],
+    grow: Callable[[Cache, int], Cache] | None,
     active_B: jax.Array,
     n_new: int,
     max_new: jax.Array,
@@ -74,8 +75,8 @@ def _decode_loop(
     """`first()` gives the logits of the first new token and the filled cache;
     `step(cache, tokens_B, i, phase)` feeds new token i - 1 and gives the logits of
     token i (the cache: whatever `first` made for the steps). The steps run as one
-    `lax.while_loop` per phase: phase p has the steps before `phases[p][0]`, and its
-    `phases[p][1]` prepares the cache for them (e.g. grows it).
+    `lax.while_loop` per phase: phase p has the steps before `phase_ends[p]`, and from
+    the second phase on, `grow(cache, p)` first lengthens the cache for them.
     A row is done after it emits an EOS id or ends a stop sequence; later tokens are
     `pad_id` (Hugging Face's semantics)."""
     batch = active_B.shape[0]
@@ -110,8 +111,9 @@ def _decode_loop(
             new["logits"] = jax.lax.dynamic_update_index_in_dim(s["logits"], logits_BV, i, 1)
         return new
 
-    for phase, (end, prepare) in enumerate(phases):
-        state["cache"] = prepare(state["cache"])
+    for phase, end in enumerate(phase_ends):
+        if phase:
+            state["cache"] = grow(state["cache"], phase)
         stop = jnp.minimum(max_new, end)
         state = jax.lax.while_loop(
             lambda s, stop=stop: (s["i"] < stop) & ~jnp.all(s["done"]),
@@ -245,19 +247,14 @@ def decoder_program(
             )
             return logits[:, -1], {**variables, **cache}
 
-        def grown(length):
-            def prepare(variables):
-                if length == lengths[0]:
-                    return variables
-                return {**variables, "cache": grow_cache(variables["cache"], length)}
-
-            return prepare
+        def grow(variables, phase):
+            return {**variables, "cache": grow_cache(variables["cache"], lengths[phase])}
 
         # Step i writes slot prompt_len + i - 1, so a cache `length` long serves the
         # steps before length - prompt_len + 1.
-        phases = [(length - prompt_len + 1, grown(length)) for length in lengths]
+        ends = [length - prompt_len + 1 for length in lengths]
         return _decode_loop(
-            first, step, phases, active_B, n_new, max_new, eos_E, stops_XM, key, static,
+            first, step, ends, grow, active_B, n_new, max_new, eos_E, stops_XM, key, static,
             temperature, top_p, pad_id, return_logits,
         )  # fmt: skip
 
@@ -316,9 +313,8 @@ def encdec_program(
         def step(variables, tokens_B, i, phase):
             return decode(variables, tokens_B, i, ["cache"])
 
-        one_phase = [(n_new, lambda cache: cache)]
         return _decode_loop(
-            first, step, one_phase, active_B, n_new, max_new, eos_E, stops_XM, key, static,
+            first, step, [n_new], None, active_B, n_new, max_new, eos_E, stops_XM, key, static,
             temperature, top_p, pad_id, return_logits,
         )  # fmt: skip
 
