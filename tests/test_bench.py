@@ -87,8 +87,10 @@ def test_output_major_kernels_for_few_rows_on_cpu(monkeypatch):
     assert not runtime.output_major_kernels(1, small, "cpu")  # cached: Eigen's matvec wins
     assert not runtime.output_major_kernels(runtime.FEW_ROWS + 1, big, "cpu")
     assert not runtime.output_major_kernels(8, big, "tpu")
+    assert runtime.unrolled_decoding("cpu") and not runtime.unrolled_decoding("tpu")
     monkeypatch.setenv("JAXLM_XLA_DEFAULTS", "0")
     assert not runtime.output_major_kernels(8, big, "cpu")
+    assert not runtime.unrolled_decoding("cpu")
 
 
 def test_process_env_adds_the_malloc_tunable_once():

@@ -21,7 +21,6 @@ from jaxlm.generation.sampling import Sampling, greedy_token
 from jaxlm.model_config import ModelConfig
 from jaxlm.models import build_model, projection
 from jaxlm.models.projection import OUTPUT_MAJOR
-from jaxlm.models.stack import unstack_layers
 
 TIGHT = dict(rtol=1e-5, atol=1e-5)
 PROMPTS = [[5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [42], [9, 9, 3, 4, 60]]
@@ -92,7 +91,7 @@ def test_output_major_steps_match_plain_steps(name, monkeypatch):
     try:
         run = decoding_model(model)
         made = dict(_leaves(P.step_kernels(run, params, len(PROMPTS))[OUTPUT_MAJOR]))
-        unrolled = _leaves(unstack_layers(params))  # decoding runs scanned stacks unrolled
+        unrolled = _leaves(P.decoding_params(run, params))  # on CPU scans run unrolled
         decoding = [p for p, _ in unrolled if p[0].key != "encoder"]  # T5's runs once
         n_kernels = sum(p[-1].key == "kernel" for p in decoding)
         assert len(made) == n_kernels + model.config.resolved().tie_embeddings

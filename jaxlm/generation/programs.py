@@ -35,16 +35,24 @@ from jaxlm.models.attention import grow_cache
 from jaxlm.models.encdec import T5
 from jaxlm.models.projection import OUTPUT_MAJOR
 from jaxlm.models.stack import unstack_layers
-from jaxlm.runtime import compiler_options, output_major_kernels
+from jaxlm.runtime import compiler_options, output_major_kernels, unrolled_decoding
 
 Cache = Any
 
 
 def decoding_model(model: nn.Module) -> nn.Module:
-    """The same module, set up for inference: no remat, deterministic, layers unrolled
-    (the programs unstack scanned params themselves, `stack.unstack_layers`)."""
-    config = dataclasses.replace(model.config, remat="none", scan_layers=False)
+    """The same module, set up for inference: no remat, deterministic, and on CPU
+    layers unrolled (`runtime.unrolled_decoding`; the programs unstack scanned params
+    themselves, `decoding_params`)."""
+    scan = model.config.scan_layers and not unrolled_decoding()
+    config = dataclasses.replace(model.config, remat="none", scan_layers=scan)
     return model.clone(config=config, deterministic=True)
+
+
+def decoding_params(model: nn.Module, params: Any) -> Any:
+    """`params` as the decoding `model` reads them: a scanned stack's params unstacked
+    when it runs unrolled (`stack.unstack_layers`)."""
+    return params if model.config.scan_layers else unstack_layers(params)
 
 
 def _stop_hit(window_BM: jax.Array, stops_XM: jax.Array) -> jax.Array:
@@ -150,7 +158,7 @@ def output_major_program(model: nn.Module) -> Callable:
     when no kernel is big enough, `projection.OUTPUT_MAJOR_MIN_BYTES`)."""
 
     def make(params: Any) -> dict[str, Any]:
-        params = unstack_layers(params)
+        params = decoding_params(model, params)
         one_B1 = jnp.zeros((1, 1), jnp.int32)
         mutable = ["cache", OUTPUT_MAJOR]
         if isinstance(model, T5):
@@ -218,7 +226,7 @@ def decoder_program(
         params, kernels, prompt_BP, pad_B, active_B, max_new, eos_E, stops_XM, key,
         temperature, top_p, n_new,
     ):  # fmt: skip
-        params = unstack_layers(params)
+        params = decoding_params(model, params)
         prompt_len = prompt_BP.shape[1]
         lengths = cache_phases(prompt_len, n_new, batch)
         key_valid_BS = jnp.arange(lengths[-1])[None, :] >= pad_B[:, None]
@@ -288,7 +296,7 @@ def encdec_program(
         n_new,
     ):
         batch = src_BS.shape[0]
-        params = unstack_layers(params)
+        params = decoding_params(model, params)
         enc_BSD = model.apply({"params": params}, src_BS, src_mask_BS, method=T5.encode)
         slots_BN = jnp.ones((batch, n_new), jnp.int32)
 

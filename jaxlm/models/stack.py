@@ -46,8 +46,8 @@ def stack_layers(
 def unstack_layers(params: Any) -> Any:
     """A scanned stack's params (a `layers` entry whose leaves lead with the layer axis)
     as the unrolled stack's `layers_{i}` entries, at any depth, so the same weights run
-    through `scan_layers=False`: decoding does, as its steps ran 2x slower scanned
-    (GPT-2 small, 8 rows), slicing each layer's weights and cache out of the stacks."""
+    through `scan_layers=False`: decoding on CPU does, as it ran 2x slower through
+    the scan (GPT-2 small, 8 rows; `jaxlm.runtime.unrolled_decoding`)."""
     if not isinstance(params, Mapping):
         return params
     out = {k: unstack_layers(v) for k, v in params.items() if k != "layers"}
