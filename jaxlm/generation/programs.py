@@ -136,11 +136,13 @@ def _decode_loop(
 
 # Attention over the KV cache costs per slot (GPT-2 small's 8-row steps: 27 ms with
 # 64 slots, 34 ms with 160), so the steps run in phases that attend only the slots
-# written so far plus the phase's own. Each phase compiles its own loop body: 128 new
-# tokens in two phases were 1.04x faster at 8 rows for +0.9 s of compile, four 1.05x
-# for +3 s; one row, which reads an eighth of that cache, gained 1.01x, so it keeps
-# one phase (benchmarks/README.md). A phase adds at least PHASE_SLOTS slots.
-PHASE_SLOTS, MAX_PHASES = 32, 2
+# written so far plus the phase's own. Each phase compiles its own loop body: for 128
+# new tokens at 8 rows, two phases were 1.04x one for +0.9 s of compile, four 1.03x
+# two for +3 s. Several rows at a time is batch work (eval sets, pipelines) that
+# reuses the program, so it takes four; one row, which reads an eighth of that cache
+# per step and gained 1.01x, keeps one (benchmarks/README.md). A phase adds at least
+# PHASE_SLOTS slots.
+PHASE_SLOTS, MAX_PHASES = 32, 4
 
 
 def cache_phases(prompt_len: int, n_new: int, rows: int) -> list[int]:
