@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from typing import Any
@@ -68,7 +69,9 @@ class MetricsWriter:
         self.remote = is_remote(self.path)
         self.remote_every = remote_every
         self._lines: list[str] = []
-        self._last_flush = 0.0
+        # -inf, not 0: monotonic time starts near 0 at boot, so on a machine up for
+        # less than `remote_every` seconds a 0 would hold back the first flush.
+        self._last_flush = -math.inf
         if self.remote and self.path.exists():  # a resumed run keeps its history
             self._lines = self.path.read_text().splitlines(keepends=True)
 
