@@ -1,5 +1,7 @@
-"""Every `model.attention` implementation against the einsum reference (fp32, causal,
-packed segments, grouped kv heads), the Pallas kernels in TPU interpret mode included."""
+"""The einsum reference against NumPy, and every other `model.attention`
+implementation against the reference (fp32, causal, packed segments, grouped kv
+heads), the Pallas kernels in interpret mode over several blocks, forward and
+gradients, alone and on a mesh."""
 
 import dataclasses
 
@@ -15,15 +17,16 @@ from jaxlm.config import ModelConfig, load_config
 from jaxlm.errors import ConfigError
 from jaxlm.models import build_model, kernels
 from jaxlm.models.attention import (
-    CAUSAL_BLOCK,
     attention_bias,
     attention_mask,
-    dot_product_attention,
-    xla_dot_product_attention,
+    einsum_attention,
+    jax_dot_product_attention,
+    resolve_attention,
 )
 from jaxlm.models.kernels import flash_attention, splash_attention
 
 TIGHT = dict(rtol=1e-5, atol=1e-5)
+GRADS = dict(rtol=1e-4, atol=1e-4)
 
 
 def _qkv(length, n_heads=4, kv_heads=2, head_dim=8, batch=2):
@@ -41,68 +44,83 @@ def _segments(length):
     return jnp.asarray(np.stack([row0, np.ones(length, int)]))
 
 
+def _numpy_attention(q, k, v, allowed):
+    """Softmax attention one query at a time, in float64."""
+    q, k, v, allowed = (np.asarray(x, np.float64) for x in (q, k, v, allowed))
+    b, _, n, h = q.shape
+    group = n // k.shape[2]
+    out = np.zeros_like(q)
+    for i in range(b):
+        for head in range(n):
+            kv = head // group
+            scores = q[i, :, head] @ k[i, :, kv].T / np.sqrt(h)
+            scores = np.where(allowed[i, 0] > 0, scores, -np.inf)
+            probs = np.exp(scores - scores.max(-1, keepdims=True))
+            out[i, :, head] = probs / probs.sum(-1, keepdims=True) @ v[i, :, kv]
+    return out
+
+
+@pytest.mark.parametrize("window", [0, 4])
+def test_einsum_reference_matches_numpy(window):
+    q, k, v = _qkv(16, kv_heads=2)
+    seg = _segments(16).at[0, -5:].set(4)  # no fully masked rows: NumPy would give NaN
+    mask = attention_mask(seg, window=window)
+    expected = _numpy_attention(q, k, v, mask)
+    np.testing.assert_allclose(einsum_attention(q, k, v, mask), expected, **TIGHT)
+    bias = attention_bias(seg, window=window)
+    np.testing.assert_allclose(einsum_attention(q, k, v, bias), expected, **TIGHT)
+
+
 @pytest.mark.parametrize(
     "kv_heads, window", [(2, 0), (1, 5), (4, 3)], ids=["gqa", "mqa-w5", "mha-w3"]
 )
 def test_dot_product_matches_einsum(kv_heads, window):
     q, k, v = _qkv(24, kv_heads=kv_heads)
     bias = attention_bias(_segments(24), window=window)
-    expected = dot_product_attention(q, k, v, bias)
-    np.testing.assert_allclose(xla_dot_product_attention(q, k, v, bias), expected, **TIGHT)
+    expected = einsum_attention(q, k, v, bias)
+    np.testing.assert_allclose(jax_dot_product_attention(q, k, v, bias), expected, **TIGHT)
 
 
-@pytest.mark.parametrize("window", [0, 150])
-def test_causal_blocks_match_the_full_square(window):
-    """Blocks of CAUSAL_BLOCK queries over the keys they may see give the full masked
-    square's outputs and gradients (packed segments, padding, grouped heads), whether
-    the mask is a boolean or an additive bias."""
-    length = 3 * CAUSAL_BLOCK
-    q, k, v = _qkv(length)
-    mask = attention_mask(_segments(length), window=window)
+def _value_and_grads(fn, q, k, v, *args):
+    def f(q, k, v):
+        out = fn(q, k, v, *args)
+        return (out * jnp.cos(out)).sum(), out
 
-    def loss(causal, bias):
-        def f(q, k, v):
-            return jnp.sum(jnp.sin(dot_product_attention(q, k, v, bias, causal=causal)))
+    return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))(q, k, v)
 
-        return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(q, k, v)
 
-    expected, expected_grads = loss(False, mask)
-    for bias in (mask, attention_bias(_segments(length), window=window)):
-        value, grads = loss(True, bias)
-        np.testing.assert_allclose(value, expected, rtol=1e-5)
-        for got, want in zip(grads, expected_grads, strict=True):
-            np.testing.assert_allclose(got, want, **TIGHT)
+def _assert_matches_reference(got, want):
+    (_, out), grads = got
+    (_, expected), expected_grads = want
+    np.testing.assert_allclose(out, expected, **TIGHT)
+    for g, w in zip(grads, expected_grads, strict=True):
+        np.testing.assert_allclose(g, w, **GRADS)
 
 
 @pytest.mark.parametrize(
-    "kernel, kv_heads, window",
+    "kernel, length, kv_heads, window",
     [
-        (flash_attention, 2, 0),
-        (flash_attention, 1, 0),
-        (splash_attention, 2, 0),
-        (splash_attention, 1, 5),
+        ("flash", 512, 2, 0),
+        ("flash", 1024, 1, 0),
+        ("splash", 512, 2, 0),
+        ("splash", 1024, 1, 200),
     ],
-    ids=["flash-gqa", "flash-mqa", "splash-gqa", "splash-mqa-window5"],
+    ids=["flash-512-gqa", "flash-1024-mqa", "splash-512-gqa", "splash-1024-mqa-window200"],
 )
-def test_kernel_matches_einsum_forward_and_backward(kernel, kv_heads, window):
-    """128 is the kernels' smallest sequence with segment ids (one kv block)."""
-    q, k, v = _qkv(128, kv_heads=kv_heads)
-    seg = _segments(128)
-    bias = attention_bias(seg, window=window)
-    args = (seg, window) if window else (seg,)
-
-    def loss(fn, *args):
-        def f(q, k, v):
-            out = fn(q, k, v, *args)
-            return (out * jnp.cos(out)).sum(), out
-
-        return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2), has_aux=True))(q, k, v)
-
-    (_, out), grads = loss(kernel, *args)
-    (_, expected), expected_grads = loss(dot_product_attention, bias)
-    np.testing.assert_allclose(out, expected, **TIGHT)
-    for got, want in zip(grads, expected_grads, strict=True):
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+def test_kernels_over_several_blocks_match_einsum(kernel, length, kv_heads, window):
+    """128-row blocks, so the kernels walk 4-8 query and key blocks: causal block
+    skipping, documents that cross block edges, padding and a window wider than a
+    block all meet the reference, forward and backward."""
+    q, k, v = _qkv(length, n_heads=2 * kv_heads, kv_heads=kv_heads, batch=2)
+    seg = _segments(length)
+    if kernel == "flash":
+        got = _value_and_grads(lambda q, k, v: flash_attention(q, k, v, seg, block=128), q, k, v)
+    else:
+        got = _value_and_grads(
+            lambda q, k, v: splash_attention(q, k, v, seg, window, block=128), q, k, v
+        )
+    want = _value_and_grads(einsum_attention, q, k, v, attention_mask(seg, window=window))
+    _assert_matches_reference(got, want)
 
 
 def test_flash_kernel_under_the_tpu_simulator():
@@ -113,21 +131,22 @@ def test_flash_kernel_under_the_tpu_simulator():
     to_heads_first = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731
     with pltpu.force_tpu_interpret_mode():
         out = jax.jit(kernels._flash)(*map(to_heads_first, (q, k, v)), seg)
-    expected = dot_product_attention(q, k, v, attention_bias(seg))
+    expected = einsum_attention(q, k, v, attention_mask(seg))
     np.testing.assert_allclose(to_heads_first(out), expected, **TIGHT)
 
 
 @pytest.mark.parametrize("kernel", [flash_attention, splash_attention], ids=["flash", "splash"])
-def test_kernel_runs_per_shard_on_a_mesh(kernel):
-    """Batch and heads sharded, the sequence gathered: the shard_map path, 8 devices."""
+def test_kernel_forward_and_gradients_per_shard_on_a_mesh(kernel):
+    """Batch and heads sharded, the sequence gathered: the shard_map path on 8 devices,
+    two 128-row blocks."""
     mesh = Mesh(np.array(jax.devices()).reshape(2, 2, 2), ("data", "tensor", "sequence"))
     rules = [("batch", "data"), ("heads", "tensor"), ("kv_heads", "tensor")]
     rules += [("length", "sequence")]
-    q, k, v = _qkv(128, kv_heads=2)
-    seg = _segments(128)
+    q, k, v = _qkv(256, kv_heads=2)
+    seg = _segments(256)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        out = jax.jit(kernel)(q, k, v, seg)
-    np.testing.assert_allclose(out, dot_product_attention(q, k, v, attention_bias(seg)), **TIGHT)
+        got = _value_and_grads(lambda q, k, v: kernel(q, k, v, seg, block=128), q, k, v)
+    _assert_matches_reference(got, _value_and_grads(einsum_attention, q, k, v, attention_mask(seg)))
 
 
 @pytest.mark.parametrize("kernel", [flash_attention, splash_attention], ids=["flash", "splash"])
@@ -162,8 +181,27 @@ def test_bad_attention_settings_name_the_key(overrides, key, message):
 
 LLAMA = ModelConfig(
     family="llama", vocab_size=61, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=48,
-    max_len=128, rope_base=500.0,
+    max_len=128, rope_base=500.0, attention="einsum",
 )  # fmt: skip
+
+
+def test_auto_attention_per_platform():
+    """auto is splash on TPU for causal decoders whose heads it tiles, dot_product
+    there otherwise and on GPU, the reference on CPU; an explicit choice stays."""
+    wide = dataclasses.replace(LLAMA, attention="auto", d_model=4 * 192)  # head_dim 192
+    cases = {
+        ("llama", "tpu"): "splash",
+        ("gpt2", "tpu"): "splash",
+        ("t5", "tpu"): "dot_product",
+        ("bert", "tpu"): "dot_product",
+        ("llama", "gpu"): "dot_product",
+        ("llama", "cpu"): "einsum",
+    }
+    for (family, platform), expected in cases.items():
+        config = ModelConfig(family=family, attention="auto")
+        assert resolve_attention(config, platform) == expected, (family, platform)
+    assert resolve_attention(wide, "tpu") == "dot_product"
+    assert resolve_attention(dataclasses.replace(LLAMA, attention="flash"), "cpu") == "flash"
 
 
 @pytest.mark.parametrize(

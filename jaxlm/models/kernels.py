@@ -40,12 +40,18 @@ def check_seq_len(length: int, attention: str) -> None:
         )
 
 
-def _block(length: int) -> int:
-    return next(b for b in BLOCK_CHOICES if length % b == 0)
+def splash_fits(head_dim: int) -> bool:
+    """Can the splash kernel tile heads this wide (its lanes are 128 wide)?"""
+    return head_dim <= LANES or head_dim % LANES == 0
 
 
-def _block_sizes(length: int) -> fa.BlockSizes:
-    block = _block(length)
+def _block(length: int, block: int | None = None) -> int:
+    """`block` if given (tests force small blocks), else the largest choice dividing
+    `length`."""
+    return block or next(b for b in BLOCK_CHOICES if length % b == 0)
+
+
+def _block_sizes(block: int) -> fa.BlockSizes:
     return fa.BlockSizes(
         block_q=block,
         block_k_major=block,
@@ -61,7 +67,9 @@ def _block_sizes(length: int) -> fa.BlockSizes:
     )
 
 
-def _flash(q: jax.Array, k: jax.Array, v: jax.Array, seg: jax.Array) -> jax.Array:
+def _flash(
+    q: jax.Array, k: jax.Array, v: jax.Array, seg: jax.Array, block: int | None = None
+) -> jax.Array:
     return fa.flash_attention(
         q,
         k,
@@ -69,26 +77,28 @@ def _flash(q: jax.Array, k: jax.Array, v: jax.Array, seg: jax.Array) -> jax.Arra
         segment_ids=fa.SegmentIds(seg, seg),
         causal=True,
         sm_scale=q.shape[-1] ** -0.5,
-        block_sizes=_block_sizes(q.shape[2]),
+        block_sizes=_block_sizes(_block(q.shape[2], block)),
     )
 
 
 # Flash has no `interpret` argument (splash has), only the context switch, which acts on
 # pallas_calls traced under it. The backward pallas_calls are traced when the gradient is
 # taken, outside any `with` around the forward call, so they get it via this custom_vjp.
-@jax.custom_vjp
-def _interpreted(q: jax.Array, k: jax.Array, v: jax.Array, seg: jax.Array) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _interpreted(
+    q: jax.Array, k: jax.Array, v: jax.Array, seg: jax.Array, block: int | None
+) -> jax.Array:
     with pltpu.force_tpu_interpret_mode(INTERPRET):
-        return _flash(q, k, v, seg)
+        return _flash(q, k, v, seg, block)
 
 
-def _interpreted_fwd(q, k, v, seg):
+def _interpreted_fwd(q, k, v, seg, block):
     with pltpu.force_tpu_interpret_mode(INTERPRET):
-        out, pullback = jax.vjp(lambda q, k, v: _flash(q, k, v, seg), q, k, v)
+        out, pullback = jax.vjp(lambda q, k, v: _flash(q, k, v, seg, block), q, k, v)
     return out, pullback
 
 
-def _interpreted_bwd(pullback, g):
+def _interpreted_bwd(block, pullback, g):
     with pltpu.force_tpu_interpret_mode(INTERPRET):
         return (*pullback(g), None)
 
@@ -97,9 +107,14 @@ _interpreted.defvjp(_interpreted_fwd, _interpreted_bwd)
 
 
 def flash_attention(
-    q_BLNH: jax.Array, k_BLKH: jax.Array, v_BLKH: jax.Array, segment_ids_BL: jax.Array
+    q_BLNH: jax.Array,
+    k_BLKH: jax.Array,
+    v_BLKH: jax.Array,
+    segment_ids_BL: jax.Array,
+    block: int | None = None,
 ) -> jax.Array:
-    """Causal, segment-masked attention by the Pallas kernel (no sliding window).
+    """Causal, segment-masked attention by the Pallas kernel (no sliding window), in
+    blocks of `block` rows (None: the largest of BLOCK_CHOICES that divides).
 
     The kernel wants as many kv heads as query heads, so grouped kv heads are repeated
     (query head n reads kv head n // (N // K), as in the einsum reference).
@@ -117,7 +132,14 @@ def flash_attention(
     k_BNLH, v_BNLH = heads_first(k_BLKH), heads_first(v_BLKH)
 
     def per_shard(q: jax.Array, k: jax.Array, v: jax.Array, seg: jax.Array) -> jax.Array:
-        return jax.lax.platform_dependent(q, k, v, seg, tpu=_flash, default=_interpreted)
+        return jax.lax.platform_dependent(
+            q,
+            k,
+            v,
+            seg,
+            tpu=lambda q, k, v, seg: _flash(q, k, v, seg, block),
+            default=lambda q, k, v, seg: _interpreted(q, k, v, seg, block),
+        )
 
     spec = nn.logical_to_mesh_axes(("batch", "heads", None, None))
     out_BNLH = _per_device(per_shard, (spec, spec, spec, P(spec[0], None)), spec)(
@@ -143,6 +165,7 @@ def _splash(
     seg_BL: jax.Array,
     window: int,
     interpret: bool,
+    block: int | None,
 ) -> jax.Array:
     """Splash's multi-query kernel per (row, kv head): the G query heads of a group
     share one key/value head, so grouped-query attention needs no copies of keys."""
@@ -150,7 +173,7 @@ def _splash(
     shape = (length, length)
     # LocalMask (window - 1 back, 0 ahead) is causal too: a query sees `window` keys.
     mask = sm.LocalMask(shape, (window - 1, 0), 0) if window else sm.CausalMask(shape)
-    block = _block(length)
+    block = _block(length, block)
     blocks = sk.BlockSizes(
         block_q=block,
         block_kv=block,
@@ -178,9 +201,11 @@ def splash_attention(
     v_BLKH: jax.Array,
     segment_ids_BL: jax.Array,
     window: int = 0,
+    block: int | None = None,
 ) -> jax.Array:
     """Causal, segment-masked, optionally sliding-window attention by the splash kernel,
-    which skips the blocks its mask rules out (most of them with a short window)."""
+    which skips the blocks its mask rules out (most of them with a short window); blocks
+    of `block` rows as for `flash_attention`."""
     b, length, n_heads, head_dim = q_BLNH.shape
     check_seq_len(length, "splash")
     k_heads = k_BLKH.shape[2]
@@ -198,8 +223,8 @@ def splash_attention(
             k,
             v,
             seg,
-            tpu=functools.partial(_splash, window=window, interpret=False),
-            default=functools.partial(_splash, window=window, interpret=True),
+            tpu=functools.partial(_splash, window=window, interpret=False, block=block),
+            default=functools.partial(_splash, window=window, interpret=True, block=block),
         )
 
     kv_spec = nn.logical_to_mesh_axes(("batch", "kv_heads", None, None))
