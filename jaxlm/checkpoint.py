@@ -6,26 +6,19 @@ checkpoint written under one mesh comes back laid out for whatever mesh is runni
 Resuming picks the newest checkpoint that is complete and intact, and says which
 ones it passed over.
 
-A save costs the loop as little as it can (benchmarks/README.md has the figures).
-Orbax's own blocking part (copying to host, starting its threads) runs in a
-background thread when one process holds the state on CPU devices: the loop only
-takes an on-device copy, which the next step cannot donate away. Writing and checksumming run
-at idle priority (Linux SCHED_IDLE): on a host whose cores the train step keeps busy
-(CPU training) they take only the cycles the step leaves, instead of slowing every
-step ~20% while they run; on an accelerator host the cores are free and they run at
-full speed.
+Saves are orbax's async saves, the same on every platform: the loop blocks only
+while orbax copies the state to host memory, and writing and checksumming happen in
+background threads while the next steps run.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import os
 from typing import Any
 
 import grain
 import jax
-import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -34,31 +27,6 @@ from jaxlm.config import CheckpointConfig
 from jaxlm.data.checkpointing import StreamsHandler, StreamsRestore, StreamsSave
 from jaxlm.errors import JaxlmError
 from jaxlm.paths import as_path
-
-# Threads that only write checkpoints: tensorstore's I/O pool.
-WRITER_THREADS = ("ts_pool_worker",)
-
-
-def _idle(tid: int) -> None:
-    """SCHED_IDLE for thread `tid` (0 = the caller); a no-op where unsupported."""
-    with contextlib.suppress(AttributeError, OSError):
-        os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
-
-
-def idle_writer_threads() -> None:
-    """Put the checkpoint writer threads that exist now at idle priority."""
-    try:
-        tasks = os.listdir("/proc/self/task")
-    except OSError:
-        return
-    for tid in tasks:
-        try:
-            with open(f"/proc/self/task/{tid}/comm") as f:
-                name = f.read().strip()
-        except OSError:
-            continue
-        if name in WRITER_THREADS:
-            _idle(int(tid))
 
 
 def make_manager(directory: str | os.PathLike, config: CheckpointConfig) -> ocp.CheckpointManager:
@@ -109,76 +77,37 @@ class Checkpointer:
         self.manager = make_manager(self.directory, config)
         self._unsealed: list[int] = []  # saved steps still waiting for their manifest
         self._sealing: list[concurrent.futures.Future] = []
-        self._sealer = concurrent.futures.ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="jaxlm-seal", initializer=_idle, initargs=(0,)
-        )
-        self._starting: concurrent.futures.Future | None = None  # a save being handed over
-        self._starter = concurrent.futures.ThreadPoolExecutor(1, "jaxlm-save")
+        self._sealer = concurrent.futures.ThreadPoolExecutor(1, "jaxlm-seal")
 
     def step_dir(self, step: int) -> epath.Path:
         return self.directory / str(step)
 
     def save(self, step: int, state: Any, data_iter: grain.DatasetIterator, force: bool = False):
         """Start an async save if `step` is due (or `force`); returns whether it started."""
-        self._handed_over()
         if step in self.manager.all_steps() or not (force or self.manager.should_save(step)):
             return False
         if self._in_flight():
             # The previous save must land first, so a crash never loses more than the
-            # steps since it: idle-priority writes can starve while steps run back to
-            # back, and waiting here gives them the cores.
+            # steps since it.
             self.wait()
         position = _Position(data_iter.get_state(), data_iter.num_streams)
-        if jax.process_count() == 1 and _on_cpu(state):
-            # Multi-process saves meet at orbax's barriers; they stay on the loop's thread.
-            state = _copy(state)  # the next step donates the original
-            self._starting = self._starter.submit(self._start, step, state, position, force)
-        else:
-            self._start(step, state, position, force)
-        return True
-
-    def _start(self, step: int, state: Any, position: _Position, force: bool) -> None:
         args = ocp.args.Composite(state=ocp.args.PyTreeSave(state), data=StreamsSave(position))
         if self.manager.save(step, args=args, force=force):
             self._unsealed.append(step)
-        idle_writer_threads()
+        return True
 
     def _in_flight(self) -> bool:
-        if self._starting is not None and not self._starting.done():
-            return True
         sealing = any(not f.done() for f in self._sealing)
         return bool(self._unsealed) or sealing or self.manager.is_saving_in_progress()
-
-    def wait_started(self) -> None:
-        """Block until the last save is in orbax's hands (its directory exists)."""
-        if self._starting is not None:
-            self._starting.result()
-
-    def _handed_over(self) -> bool:
-        """Has a save started in the background been handed to orbax? Raises its error."""
-        if self._starting is None:
-            return True
-        if not self._starting.done():
-            return False
-        starting, self._starting = self._starting, None
-        starting.result()
-        return True
 
     def poll(self) -> None:
         """Start checksumming saves that have finished, in the background; cheap enough
         to call every step."""
-        if not self._handed_over() or not self._unsealed:
-            return
-        if self.manager.is_saving_in_progress():
-            idle_writer_threads()  # the pool may have grown for this save
-        else:
+        if self._unsealed and not self.manager.is_saving_in_progress():
             self._seal()
 
     def wait(self) -> None:
         """Block until every save in flight is on disk and checksummed."""
-        if self._starting is not None:
-            self._starting.result()
-            self._starting = None
         self.manager.wait_until_finished()
         self._seal()
         for future in self._sealing:
@@ -222,7 +151,6 @@ class Checkpointer:
         self.wait()
         self.manager.close()
         self._sealer.shutdown()
-        self._starter.shutdown()
 
 
 class _Position:
@@ -234,18 +162,6 @@ class _Position:
 
     def get_state(self) -> dict:
         return self.state
-
-
-def _on_cpu(state: Any) -> bool:
-    leaves = jax.tree_util.tree_leaves(state)
-    return bool(leaves) and all(
-        d.platform == "cpu" for x in leaves if isinstance(x, jax.Array) for d in x.devices()
-    )
-
-
-@jax.jit
-def _copy(state: Any) -> Any:
-    return jax.tree_util.tree_map(jnp.copy, state)
 
 
 def _write_manifests(step_dirs: list[epath.Path]) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Callable
 
 import numpy as np
 
@@ -29,9 +28,7 @@ def maybe_poison(step: int, batch: dict[str, np.ndarray], vocab_size: int) -> di
     return {**batch, "inputs": np.full_like(batch["inputs"], vocab_size + 7)}
 
 
-def maybe_kill_during_save(step: int, save_started: Callable[[], None]) -> None:
-    """`save_started` blocks until the step's save is writing (it may start in the
-    background)."""
+def maybe_kill_during_save(step: int) -> None:
+    """Called right after the step's async save started: orbax is writing it now."""
     if step in _steps(KILL_ENV):
-        save_started()
         os.kill(os.getpid(), signal.SIGKILL)
