@@ -7,9 +7,8 @@ times a window of plain steps, then a save, the polls and as many steps with the
 write in flight; the round's cost is the difference, as a % of the median plain step
 (the issue's bar: 5%), summarised by the median and quartiles over rounds. On a
 shared machine single rounds swing by tens of %, so it also reports the CPU the save
-took (the round's process CPU less the plain window's), split into normal priority
-(taken from the step) and SCHED_IDLE (only the cycles the step leaves). The restore
-is `restore_latest`: manifest check plus orbax read.
+took (the round's process CPU less the plain window's). The restore is
+`restore_latest`: manifest check plus orbax read.
 
     python benchmarks/checkpoint_cost.py [--config tiny] [--saves 6]
 """
@@ -18,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
 import sys
@@ -29,20 +27,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_common import CONFIGS, shape_overrides, train_setup
-
-
-def idle_cpu_ms() -> float:
-    """CPU (ms) so far of this process's SCHED_IDLE threads (the save's writers). Linux."""
-    total = 0.0
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            with open(f"/proc/self/task/{tid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[38]) == 5:  # /proc/<pid>/stat field 41, policy: 5 = SCHED_IDLE
-            total += (int(fields[11]) + int(fields[12])) * 1e3 / os.sysconf("SC_CLK_TCK")
-    return total
 
 
 def process_cpu_ms() -> float:
@@ -100,7 +84,7 @@ def measure(name: str, saves: int, steps_between: int) -> dict:
             window = [timed_step() for _ in range(steps_between)]
             plain.extend(window)
             cpu_plain = process_cpu_ms() - cpu_start
-            cpu_start, idle_start = process_cpu_ms(), idle_cpu_ms()
+            cpu_start = process_cpu_ms()
             t0 = time.perf_counter()
             ckpt.save(step, state, data_iter)
             save_calls.append(time.perf_counter() - t0)
@@ -113,11 +97,8 @@ def measure(name: str, saves: int, steps_between: int) -> dict:
             poll_calls.append(polls)
             costs.append(save_calls[-1] + polls + with_save - sum(window))
             ckpt.wait()
-            # The save's CPU: this window's less the plain window's; the idle part is
-            # what its SCHED_IDLE threads used.
-            extra = process_cpu_ms() - cpu_start - cpu_plain
-            idle = idle_cpu_ms() - idle_start
-            cpu.append({"normal": extra - idle, "idle": idle})
+            # The save's CPU: this window's less the plain window's.
+            cpu.append(process_cpu_ms() - cpu_start - cpu_plain)
         t0 = time.perf_counter()
         ckpt.wait()
         finish = time.perf_counter() - t0
@@ -147,7 +128,7 @@ def measure(name: str, saves: int, steps_between: int) -> dict:
         "save_pct_quartiles": [
             round(100 * q / step_s, 1) for q in statistics.quantiles(costs, n=4)
         ],
-        "save_cpu_ms": {k: statistics.median(c[k] for c in cpu) for k in cpu[0]},
+        "save_cpu_ms": statistics.median(cpu),
         "final_wait_ms": finish * 1e3,
         "restore_ms": restore_s * 1e3,
         "saves_timed": saves,
