@@ -2,9 +2,9 @@
 
 libtpu (the `tpu` extra) describes a TPU slice without the hardware: its devices
 compile real TPU programs, so per-chip memory, FLOPs and the layout of every array
-can be known before a pod is rented. The state, shardings and step are the
-trainer's own (`state_shardings`, `make_train_step`), so what compiles here is what
-would run there.
+can be known before a pod is rented. The model, state, shardings and jitted step are
+the trainer's own (`jaxlm.train.step.train_steps`, the model built for the topology's
+platform), so what compiles here is what would run there.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import jax
-from flax import linen as nn
 
 from jaxlm import sharding as shd
 from jaxlm.config import Config
@@ -183,12 +182,10 @@ def compile_train_step(
     config: Config, topology: Topology, slices: int = 1, top: int = 6
 ) -> CompileReport:
     """Lower and compile one train step of `config` for `slices` x `topology`."""
-    from jaxlm.models import build_model
-    from jaxlm.train.metrics import flops_per_token
+    from jaxlm.model_config import flops_per_token
     from jaxlm.train.objectives import for_family
-    from jaxlm.train.optim import make_optimizer, make_schedule
-    from jaxlm.train.state import count_params, state_shardings
-    from jaxlm.train.step import batch_shardings, make_train_step
+    from jaxlm.train.state import count_params
+    from jaxlm.train.step import batch_shardings, train_steps
 
     if config.model.vocab_size == 0:  # no tokenizer here: it will have exactly this many
         config = config.replace(model={"vocab_size": config.tokenizer.vocab_size})
@@ -199,23 +196,13 @@ def compile_train_step(
     data = shd.batch_sharding(mesh, rules)
     shd.check_batch(t_cfg.batch_size, data, t_cfg.seq_len)
 
-    model = build_model(config.model, deterministic=config.model.dropout == 0.0)
-    tx = make_optimizer(config.optim, t_cfg.steps)
-    schedule = make_schedule(config.optim, t_cfg.steps)
-    abstract, shardings = state_shardings(model, tx, t_cfg.seq_len, mesh, rules)
+    _, abstract, _, _, (step, _) = train_steps(config, mesh, rules)
     objective = for_family(config.model.family)
     in_batch = batch_shardings(mesh, rules, objective.batch_ranks)
     shapes = objective.batch_shapes(t_cfg.batch_size, t_cfg.seq_len, config.data.target_len)
     batch = {
         k: jax.ShapeDtypeStruct(shape, "int32", sharding=in_batch[k]) for k, shape in shapes.items()
     }
-    # The same jit as train/step.py's jit_steps, unwrapped so that it can be lowered.
-    step = jax.jit(
-        make_train_step(model, tx, schedule, t_cfg.nonfinite, objective),
-        in_shardings=(shardings, in_batch),
-        out_shardings=(shardings, shd.replicated(mesh)),
-        donate_argnums=0,
-    )
     report = CompileReport(
         topology=topology,
         slices=slices,
@@ -225,10 +212,8 @@ def compile_train_step(
     )
     tokens = t_cfg.batch_size * t_cfg.seq_len
     report.flops_per_step = flops_per_token(config.model, report.n_params, t_cfg.seq_len) * tokens
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        lowered = step.lower(abstract, batch)
     try:
-        compiled = lowered.compile()
+        compiled = step.lower(abstract, batch).compile()
     except Exception as err:  # XLA's RESOURCE_EXHAUSTED: the step does not fit at all
         if "RESOURCE_EXHAUSTED" not in str(err) and "memory" not in str(err).lower():
             raise

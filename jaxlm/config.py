@@ -20,7 +20,7 @@ from omegaconf import errors as oc_errors
 from jaxlm.errors import ConfigError, JaxlmError
 from jaxlm.model_config import (  # noqa: F401  (re-exported: one place to import configs from)
     DTYPES,
-    FAMILY_DEFAULTS,
+    FAMILIES,
     MODEL_CHOICES,
     SWIGLU_MULTIPLE,
     ModelConfig,
@@ -265,15 +265,16 @@ def to_yaml(config: Config) -> str:
 
 def check_trainable(c: Config) -> None:
     """What `jaxlm train` can't do, refused before any data or compile work."""
+    family = FAMILIES[c.model.family]
     _check(
-        c.model.family not in ("bert", "t5") or c.train.sample_prompt == "",
+        family.kind == "decoder" or c.train.sample_prompt == "",
         "train.sample_prompt",
         f"{c.model.family} samples no text at the end of training (decoders only)",
     )
     _check(
-        c.model.family != "bert" or c.model.nsp_head,
+        family.objective != "mlm_nsp" or c.model.nsp_head,
         "model.nsp_head",
-        "bert trains the MLM + NSP objective, which needs the NSP head",
+        f"{c.model.family} trains the MLM + NSP objective, which needs the NSP head",
     )
 
 
@@ -340,10 +341,11 @@ def validate(c: Config) -> Config:
         "data.source_field",
         "the source and target fields must be named",
     )
+    shortest = FAMILIES[m.family].min_seq_len
     _check(
-        m.family != "bert" or t.seq_len >= 7,
+        t.seq_len >= shortest,
         "train.seq_len",
-        "bert needs at least 7 tokens: [CLS] A [SEP] B [SEP] with two tokens per segment",
+        f"{m.family} needs at least {shortest} tokens (a row its data task can fill)",
     )
     d = c.distributed
     _check(d.mode in ("auto", "on", "off"), "distributed.mode", "must be auto, on or off")

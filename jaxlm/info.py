@@ -1,22 +1,21 @@
 """What a config's model costs, before anything is built: parameters and FLOPs per token.
 
 Shapes come from `jax.eval_shape` of `model.init`, so a 70B preset is counted in well
-under a second with no memory. FLOPs per token use the trainer's formula
-(`jaxlm.train.metrics.flops_per_token`), so `jaxlm info` and the MFU a run logs agree.
+under a second with no memory. FLOPs per token are the family's
+(`jaxlm.model_config.flops_per_token`), so `jaxlm info` and the MFU a run logs agree.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from jaxlm.config import Config, ModelConfig
-from jaxlm.models import build_model
-from jaxlm.train.metrics import flops_per_token
+from jaxlm.model_config import FAMILIES, flops_per_token
+from jaxlm.train.state import param_shapes
 
 
 @dataclass(frozen=True)
@@ -26,13 +25,6 @@ class ModelInfo:
     groups: dict[str, int]  # parameters per top-level module (blocks summed as "layers")
     seq_len: int
     flops_per_token: float
-
-
-def param_shapes(model_config: ModelConfig) -> Any:
-    """The parameter tree as ShapeDtypeStructs (logical-axis boxes kept), no weights made."""
-    model = build_model(model_config)
-    tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-    return jax.eval_shape(model.init, jax.random.PRNGKey(0), tokens)["params"]
 
 
 def count_params(model_config: ModelConfig) -> int:
@@ -73,14 +65,13 @@ def describe(m: ModelConfig) -> str:
     """One line naming every architecture choice, so two presets compare at a glance."""
     kv = f" ({m.kv_heads} kv)" if m.kv_heads != m.n_heads else ""
     position = f"rope (base {m.rope_base:g})" if m.position == "rope" else "learned positions"
-    stack = f"decoder: {m.n_layers} layers"
-    if m.position == "relative":  # t5: an encoder-decoder with T5's bucketed bias
-        stack = f"encoder-decoder: {m.n_layers}+{m.n_decoder_layers or m.n_layers} layers"
+    if m.position == "relative":  # T5's bucketed bias
         position = (
             f"relative bias ({m.relative_buckets} buckets, max distance {m.relative_max_distance})"
         )
-    if m.family == "bert":  # bidirectional, post-LN, with MLM + NSP heads
-        stack = f"encoder: {m.n_layers} layers"
+    kind = FAMILIES[m.family].kind
+    decoder_layers = f"+{m.n_decoder_layers or m.n_layers}" if kind == "encoder_decoder" else ""
+    stack = f"{kind.replace('_', '-')}: {m.n_layers}{decoder_layers} layers"
     parts = [
         f"{m.family} {stack}, d_model {m.d_model}",
         f"{m.n_heads} heads{kv} of {m.head_dim}",

@@ -1,13 +1,17 @@
 """The model's architecture config, separate from the run config so that research
 code building a model needs nothing of OmegaConf, data or training settings.
 
-`model.family` fills the architecture fields a config leaves empty; `validate_model`
-checks the filled-in copy and names the offending key.
+`FAMILIES` declares each model family once: the architecture fields it fills in when
+a config leaves them empty, its Flax module, objective, data task, Hugging Face
+mapping and FLOPs. Everything else looks families up there, so adding one is one
+entry (plus its module, objective or data code when new). `validate_model` checks the
+filled-in copy and names the offending key.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,45 +20,11 @@ from jaxlm.errors import ConfigError
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-# What `model.family` puts in the architecture fields a config leaves empty ("" or null),
-# so `model.family=llama` alone turns a GPT-2 preset into a Llama-style one.
-FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
-    "gpt2": {
-        "norm": "layernorm",
-        "mlp": "gelu",
-        "position": "learned",
-        "use_bias": True,
-        "tie_embeddings": True,
-    },
-    "llama": {
-        "norm": "rmsnorm",
-        "mlp": "swiglu",
-        "position": "rope",
-        "use_bias": False,
-        "tie_embeddings": False,
-    },
-    # Encoder-decoder (models/encdec.py); the trainer doesn't train it yet.
-    "t5": {
-        "norm": "rmsnorm",
-        "mlp": "relu",
-        "position": "relative",
-        "use_bias": False,
-        "tie_embeddings": True,
-    },
-    # BERT encoder (models/encoder.py): post-LN, exact GELU; the trainer doesn't train it yet.
-    "bert": {
-        "norm": "layernorm",
-        "mlp": "gelu",
-        "position": "learned",
-        "use_bias": True,
-        "tie_embeddings": True,
-    },
-}
 MODEL_CHOICES = {
     "norm": ("layernorm", "rmsnorm"),
     "mlp": ("gelu", "swiglu", "relu"),
     "position": ("learned", "rope", "relative"),
-    "attention": ("einsum", "dot_product", "flash", "splash"),
+    "attention": ("einsum", "dot_product", "flash", "splash", "auto"),
 }
 SWIGLU_MULTIPLE = 256  # Llama rounds its SwiGLU width up to this
 
@@ -63,8 +33,8 @@ SWIGLU_MULTIPLE = 256  # Llama rounds its SwiGLU width up to this
 class ModelConfig:
     """Architecture. `vocab_size` left at 0 takes the tokenizer's size.
 
-    `family` (gpt2 | llama, both decoder-only) fills the fields left empty; see
-    FAMILY_DEFAULTS. `resolved()` gives the filled-in copy that models use.
+    `family` (a key of FAMILIES) fills the fields left empty with its defaults;
+    `resolved()` gives the filled-in copy that models use.
     """
 
     family: str = "gpt2"
@@ -96,8 +66,9 @@ class ModelConfig:
     scan_layers: bool = True
     remat: str = "none"  # none | full | dots
     # einsum (reference) | dot_product (jax.nn) | flash | splash (Pallas TPU kernels,
-    # interpreted off TPU; seq_len a multiple of 128)
-    attention: str = "einsum"
+    # interpreted off TPU; seq_len a multiple of 128) | auto (the platform's best,
+    # chosen when the model is built: jaxlm.models.attention.resolve_attention)
+    attention: str = "auto"
     # Encoder-decoder (t5) only: decoder depth (0 = n_layers; n_layers is the encoder's)
     # and T5's bucketed relative position bias.
     n_decoder_layers: int = 0
@@ -108,7 +79,8 @@ class ModelConfig:
 
     def resolved(self) -> ModelConfig:
         """This config with the family's defaults in the empty fields (idempotent)."""
-        defaults = FAMILY_DEFAULTS.get(self.family, {})
+        family = FAMILIES.get(self.family)
+        defaults = family.defaults if family else {}
         empty = {k: v for k, v in defaults.items() if getattr(self, k) in ("", None)}
         return dataclasses.replace(self, **empty) if empty else self
 
@@ -134,15 +106,106 @@ def check(ok: bool, key: str, message: str) -> None:
         raise ConfigError(key, message)
 
 
+def _check_t5(m: ModelConfig) -> None:
+    check(m.n_decoder_layers >= 0, "model.n_decoder_layers", "must be >= 0 (0 = n_layers)")
+    check(m.relative_buckets >= 4, "model.relative_buckets", "must be at least 4")
+    check(
+        m.relative_max_distance > m.relative_buckets // 2,
+        "model.relative_max_distance",
+        f"must exceed relative_buckets // 2 = {m.relative_buckets // 2} (the exact range)",
+    )
+
+
+def _check_bert(m: ModelConfig) -> None:
+    check(m.type_vocab_size > 0, "model.type_vocab_size", "must be positive")
+    for key, want in (("norm", "layernorm"), ("mlp", "gelu"), ("position", "learned")):
+        check(getattr(m, key) == want, f"model.{key}", f"bert supports only {want}")
+    check(m.tie_embeddings, "model.tie_embeddings", "bert's MLM head is tied")
+
+
+def dense_flops_per_token(config: ModelConfig, n_params: int, seq_len: int) -> float:
+    """Training FLOPs per token: 6 N for the matmuls (forward + backward) plus 12 L (n_heads
+    head_dim) T for attention scores and values (PaLM, App. B). N leaves out the tables that
+    are only looked up: a learned position table, and the input embedding when untied (tied,
+    it is also the output matmul). T is the attended span: seq_len, or a shorter sliding
+    window. Grouped kv heads and SwiGLU need no term of their own: they change N."""
+    c = config.resolved()
+    lookups = c.max_len * c.d_model if c.position == "learned" else 0
+    if not c.tie_embeddings:
+        lookups += c.vocab_size * c.d_model
+    span = min(seq_len, c.sliding_window or seq_len)
+    attention = 12.0 * c.n_layers * c.n_heads * c.head_dim * span
+    return 6.0 * (n_params - lookups) + attention
+
+
+@dataclass(frozen=True)
+class Family:
+    """Everything the stack needs to know about a model family, so that no code outside
+    this table tests which family it has. The defaults are a decoder's."""
+
+    defaults: Mapping[str, Any]  # the architecture fields filled in when left empty
+    module: str  # the Flax module class in jaxlm.models (`build_model` looks it up)
+    kind: str = "decoder"  # decoder | encoder | encoder_decoder
+    objective: str = "causal_lm"  # a key of jaxlm.train.objectives.OBJECTIVES
+    data: str = "packed"  # a key of jaxlm.data.tasks: packed | mlm_nsp | seq2seq
+    generates: bool = True  # jaxlm.generation produces text with it
+    hf: str | None = None  # the jaxlm.hf mapping module, named as HF's model_type
+    hf_architectures: tuple[str, ...] = ()  # the HF `architectures` that module converts
+    min_seq_len: int = 1  # the shortest train.seq_len its data task can fill
+    check: Callable[[ModelConfig], None] | None = None  # its own config checks
+    # Training FLOPs per token from (config, parameter count, seq_len), for MFU and info.
+    flops_per_token: Callable[[ModelConfig, int, int], float] = dense_flops_per_token
+
+
+_GPT2 = {"norm": "layernorm", "mlp": "gelu", "position": "learned", "use_bias": True}
+_RMS = {"norm": "rmsnorm", "use_bias": False}
+FAMILIES: dict[str, Family] = {
+    "gpt2": Family(
+        _GPT2 | {"tie_embeddings": True},
+        "Decoder",
+        hf="gpt2",
+        hf_architectures=("GPT2LMHeadModel", "GPT2Model"),
+    ),
+    "llama": Family(
+        _RMS | {"mlp": "swiglu", "position": "rope", "tie_embeddings": False},
+        "Decoder",
+        hf="llama",
+        hf_architectures=("LlamaForCausalLM",),
+    ),
+    "t5": Family(
+        _RMS | {"mlp": "relu", "position": "relative", "tie_embeddings": True},
+        "T5",
+        kind="encoder_decoder",
+        objective="seq2seq",
+        data="seq2seq",
+        check=_check_t5,
+    ),
+    # Post-LN with exact GELU (models/encoder.py), MLM + NSP heads.
+    "bert": Family(
+        _GPT2 | {"tie_embeddings": True},
+        "BertForPreTraining",
+        kind="encoder",
+        objective="mlm_nsp",
+        data="mlm_nsp",
+        generates=False,
+        hf="bert",
+        hf_architectures=("BertForPreTraining", "BertForMaskedLM"),
+        min_seq_len=7,  # [CLS] A [SEP] B [SEP] with two tokens per segment
+        check=_check_bert,
+    ),
+}
+
+
+def flops_per_token(config: ModelConfig, n_params: int, seq_len: int) -> float:
+    """The family's training FLOPs per token (the MFU a run logs, `jaxlm info`)."""
+    return FAMILIES[config.family].flops_per_token(config, n_params, seq_len)
+
+
 def validate_model(m: ModelConfig) -> ModelConfig:
     """The model's checks, on the copy with the family's defaults filled in."""
-    families = ", ".join(FAMILY_DEFAULTS)
-    check(
-        m.family in FAMILY_DEFAULTS,
-        "model.family",
-        f"unknown family {m.family!r}; known: {families}",
-    )
-    m = m.resolved()
+    families = ", ".join(FAMILIES)
+    check(m.family in FAMILIES, "model.family", f"unknown family {m.family!r}; known: {families}")
+    family, m = FAMILIES[m.family], m.resolved()
     for key in ("d_model", "n_layers", "n_heads", "max_len"):
         check(getattr(m, key) > 0, f"model.{key}", "must be positive")
     check(m.vocab_size >= 0, "model.vocab_size", "must be >= 0 (0 = tokenizer's size)")
@@ -200,32 +263,18 @@ def validate_model(m: ModelConfig) -> ModelConfig:
     check(m.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}")
     check(m.param_dtype in DTYPES, "model.param_dtype", f"must be one of {DTYPES}")
     check(m.remat in ("none", "full", "dots"), "model.remat", "must be none, full or dots")
+    relative = [name for name, f in FAMILIES.items() if f.defaults["position"] == "relative"]
     check(
-        (m.position == "relative") == (m.family == "t5"),
+        (m.position == "relative") == (m.family in relative),
         "model.position",
-        "relative (bucketed bias) is the t5 family's, and t5 has no other",
+        f"relative (bucketed bias) is {', '.join(relative)}'s, which has no other",
     )
-    if m.family == "t5":
-        check(m.n_decoder_layers >= 0, "model.n_decoder_layers", "must be >= 0 (0 = n_layers)")
-        check(m.relative_buckets >= 4, "model.relative_buckets", "must be at least 4")
-        check(
-            m.relative_max_distance > m.relative_buckets // 2,
-            "model.relative_max_distance",
-            f"must exceed relative_buckets // 2 = {m.relative_buckets // 2} (the exact range)",
-        )
-        check(
-            m.attention in ("einsum", "dot_product"),
-            "model.attention",
-            "t5 needs einsum or dot_product (its relative bias is an additive bias)",
-        )
-    if m.family == "bert":
-        check(m.type_vocab_size > 0, "model.type_vocab_size", "must be positive")
-        check(
-            m.attention in ("einsum", "dot_product"),
-            "model.attention",
-            "bert needs einsum or dot_product (the kernels are causal only)",
-        )
-        for key, want in (("norm", "layernorm"), ("mlp", "gelu"), ("position", "learned")):
-            check(getattr(m, key) == want, f"model.{key}", f"bert supports only {want}")
-        check(m.tie_embeddings, "model.tie_embeddings", "bert's MLM head is tied")
+    check(
+        family.kind == "decoder" or m.attention not in ("flash", "splash"),
+        "model.attention",
+        f"{m.family} needs einsum, dot_product or auto (the kernels are causal, without an "
+        "additive bias)",
+    )
+    if family.check:
+        family.check(m)
     return m

@@ -169,21 +169,21 @@ def pipeline(
     directory, see `jaxlm.pretrained.load_pretrained`). `defaults` are generation
     keywords used by every call; `overrides` are config `key=value` overrides. `task`
     None picks the task by the model (what `jaxlm generate` does)."""
-    from jaxlm.models.decoder import Decoder
-    from jaxlm.models.encdec import T5
+    from jaxlm.model_config import FAMILIES
     from jaxlm.pretrained import load_pretrained
 
     if task is not None and task not in TASKS:
         raise JaxlmError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
     _check_keywords(task or TASKS[0], defaults)
     loaded = load_pretrained(model, overrides=list(overrides))
+    kind = FAMILIES[loaded.config.model.family].kind
     if task is None:
-        task = TASKS[1] if isinstance(loaded.model, T5) else TASKS[0]
+        task = TASKS[1] if kind == "encoder_decoder" else TASKS[0]
         _check_keywords(task, defaults)
-    want = T5 if task == "text2text-generation" else Decoder
-    if not isinstance(loaded.model, want):
-        kind = "an encoder-decoder (t5)" if want is T5 else "a decoder-only"
-        raise JaxlmError(f"{task} needs {kind} model; {model} is {loaded.config.model.family}")
+    want = "encoder_decoder" if task == "text2text-generation" else "decoder"
+    if kind != want:
+        article = "a decoder-only" if want == "decoder" else "an encoder-decoder"
+        raise JaxlmError(f"{task} needs {article} model; {model} is {loaded.config.model.family}")
     params = _on_one_device(loaded.params)
     return TextGenerationPipeline(
         task, loaded.model, params, loaded.tokenizer, loaded.config, dict(defaults)

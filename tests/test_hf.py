@@ -21,7 +21,8 @@ from jaxlm.cli import main as jaxlm_main
 from jaxlm.config import MeshConfig, load_config
 from jaxlm.errors import JaxlmError
 from jaxlm.hf import convert_to_hf, load_hf_pretrained
-from jaxlm.pretrained import abstract_params, load_pretrained, save_pretrained
+from jaxlm.pretrained import load_pretrained, save_pretrained
+from jaxlm.train.state import abstract_state
 
 from .conftest import CORPUS
 
@@ -201,7 +202,7 @@ def test_import_matches_transformers(hf_dirs, imported, name):
 
 def test_import_streams_onto_the_mesh(imported):
     """Params land sharded by the logical rules: GQA key heads over `tensor`, width over
-    `fsdp` (what `abstract_params` computes), not gathered on one device."""
+    `fsdp` (what `abstract_state` computes), not gathered on one device."""
     _, params, _, config = imported["llama"]
     key = params["layers"]["attn"]["key"]["kernel"]  # (layers, embed, kv_heads, head_dim)
     assert key.shape == (2, 32, 2, 8)
@@ -372,7 +373,7 @@ def native_llama(tmp_path_factory):
             "model.scan_layers=false",
         ],
     )
-    abstract, _ = abstract_params(config, make_mesh(config.mesh), logical_rules(config.mesh))
+    _, abstract, _ = abstract_state(config, make_mesh(config.mesh), logical_rules(config.mesh))
     keys = jax.random.split(jax.random.PRNGKey(1), len(jax.tree_util.tree_leaves(abstract)))
     leaves, tree = jax.tree_util.tree_flatten(abstract)
     params = jax.tree_util.tree_unflatten(
@@ -452,11 +453,11 @@ def test_init_from_a_model_directory_checks_the_shapes(hf_dirs, converted):
     model_dir = converted["llama"]
     config = load_config(model_dir / "config.yaml", [f"init_from={model_dir}"])
     mesh, rules = make_mesh(config.mesh), logical_rules(config.mesh)
-    abstract, _ = abstract_params(config, mesh, rules)
+    _, abstract, _ = abstract_state(config, mesh, rules)
     assert _trees_equal(load_init_params(config, abstract), load_pretrained(model_dir).params)
 
     wider = config.replace(model={"d_ff": 128})
-    abstract, _ = abstract_params(wider, mesh, rules)
+    _, abstract, _ = abstract_state(wider, mesh, rules)
     with pytest.raises(JaxlmError, match=r"parameter layers/mlp/down/kernel has shape"):
         load_init_params(wider, abstract)
     hf = wider.replace(init_from=f"hf:{hf_dirs['llama'][0]}")
@@ -529,4 +530,4 @@ def test_convert_cli_errors_are_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err == f"jaxlm: error: {tmp_path}: no config.json, not a Hugging Face model directory"
     assert jaxlm_main(["convert", "to-hf", str(tmp_path), str(tmp_path / "out")]) == 2
-    assert "not a run, model or Hugging Face directory" in capsys.readouterr().err
+    assert "not a run or model directory" in capsys.readouterr().err

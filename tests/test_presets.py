@@ -7,8 +7,8 @@ import pytest
 from jaxlm.cli import main
 from jaxlm.config import load_config
 from jaxlm.info import model_info
+from jaxlm.model_config import flops_per_token
 from jaxlm.train.loop import train
-from jaxlm.train.metrics import flops_per_token
 
 from .conftest import CORPUS, REPO
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from jaxlm import sharding as shd
 from jaxlm.generation import generate_ids
-from jaxlm.models.encdec import T5
+from jaxlm.model_config import FAMILIES
 
 
 def generate_texts(
@@ -24,7 +24,7 @@ def generate_texts(
     """One greedy output per source, without the prompt and without EOS."""
     model, params, tokenizer, config = pretrained
     mesh, rules = shd.make_mesh(config.mesh), shd.logical_rules(config.mesh)
-    encdec = isinstance(model, T5)
+    encdec = FAMILIES[config.model.family].kind == "encoder_decoder"
     budget = config.train.seq_len - 1  # the source length the model was trained on
     eos, bos = tokenizer.eos_id(), tokenizer.bos_id()
     outputs: list[str] = []

@@ -21,8 +21,10 @@ from jaxlm import sharding as shd
 from jaxlm.data.pipeline import make_dataset
 from jaxlm.data.tasks import stream_maker
 from jaxlm.errors import JaxlmError
-from jaxlm.models import DECODER_FAMILIES
+from jaxlm.model_config import FAMILIES
+from jaxlm.train.metrics import perplexity
 from jaxlm.train.objectives import for_family
+from jaxlm.train.step import make_eval_step
 
 Batch = dict[str, np.ndarray]
 
@@ -84,15 +86,12 @@ def evaluate_model(
     mesh = shd.make_mesh(config.mesh)
     rules = shd.logical_rules(config.mesh)
 
-    @jax.jit
-    def sums_of(params: Any, batch: Batch) -> dict[str, jax.Array]:
-        return objective.loss(model, params, batch, None)[2]
-
+    sums_of = jax.jit(make_eval_step(model, objective))  # the trainer's eval step
     totals: dict[str, float] = {}
     n_batches = 0
     truncated = False
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        for batch in _batches(iter(rows), batch_size, pad_last=family != "bert"):
+        for batch in _batches(iter(rows), batch_size, pad_last=objective.per_token):
             if max_batches and n_batches == max_batches:
                 truncated = True
                 break
@@ -106,15 +105,15 @@ def evaluate_model(
 
     results: dict[str, Any] = {"family": family, "batches": n_batches}
     metrics = {k: float(v) for k, v in objective.summarize(totals).items()}
-    if family == "bert":
+    if not objective.per_token:
         results |= {"masked_tokens": int(totals["mlm_tokens"]), **metrics}
         return results
     results |= {
         "tokens": int(totals["tokens"]),
         "loss": metrics["loss"],
-        "perplexity": math.exp(min(metrics["loss"], 700.0)),
+        "perplexity": perplexity(metrics["loss"]),
     }
-    if family in DECODER_FAMILIES and not truncated:
+    if FAMILIES[family].kind == "decoder" and not truncated:  # scored every byte
         results["bytes"] = _text_bytes(examples)
         results["bits_per_byte"] = totals["loss_sum"] / math.log(2) / results["bytes"]
     return results

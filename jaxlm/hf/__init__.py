@@ -17,6 +17,7 @@ mapping and the tensor `Link`s; links.py does the reading and writing.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import shutil
 from pathlib import Path
@@ -26,49 +27,62 @@ from typing import Any
 from jaxlm import sharding as shd
 from jaxlm.config import Config, MeshConfig, ModelConfig, TokenizerConfig, TrainConfig, validate
 from jaxlm.errors import JaxlmError
-from jaxlm.hf import bert, gpt2, llama
 from jaxlm.hf.hf_config import CONFIG_JSON, read_hf_config
 from jaxlm.hf.links import check_tensors, hf_tensors, load_params
 from jaxlm.hf.safetensors_io import DEFAULT_SHARD_BYTES, TensorReader, write_safetensors
-from jaxlm.models import build_model
+from jaxlm.model_config import FAMILIES, Family
+from jaxlm.model_dir import (
+    TOKENIZER_FILES,
+    Pretrained,
+    load_model_dir,
+    load_tokenizer_dir,
+    save_pretrained,
+)
+from jaxlm.train.state import abstract_state
 
 __all__ = ["convert_from_hf", "convert_to_hf", "load_hf_pretrained", "read_hf_params"]
 
-ARCHITECTURES: dict[str, ModuleType] = {m.MODEL_TYPE: m for m in (gpt2, llama, bert)}
+# HF model_type -> the family whose `hf` mapping module (gpt2.py, ...) converts it.
+HF_FAMILIES: dict[str, Family] = {f.hf: f for f in FAMILIES.values() if f.hf}
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
-# A model directory's tokenizer: sentencepiece first, as `load_tokenizer_dir` reads it.
-TOKENIZER_CHOICES = ("tokenizer.model", "tokenizer.json")
 ARCHITECTURE_FIELDS = ("family", "norm", "mlp", "position", "use_bias", "tie_embeddings")
+
+
+def _mapping(family: Family) -> ModuleType:
+    return importlib.import_module(f"jaxlm.hf.{family.hf}")
 
 
 def architecture_for(hf: dict[str, Any]) -> ModuleType:
     """The mapping module for a config.json; one error for anything else."""
     model_type = hf.get("model_type")
-    if model_type not in ARCHITECTURES:
+    if model_type not in HF_FAMILIES:
         raise JaxlmError(
             f"config.json: model_type {model_type!r} is not supported "
-            f"(jaxlm converts {', '.join(ARCHITECTURES)})"
+            f"(jaxlm converts {', '.join(HF_FAMILIES)})"
         )
-    module = ARCHITECTURES[model_type]
+    known = HF_FAMILIES[model_type].hf_architectures
     for name in hf.get("architectures") or []:
-        if name not in module.ARCHITECTURES:
+        if name not in known:
             raise JaxlmError(
                 f"config.json: architecture {name} is not supported "
-                f"(for {model_type}, jaxlm converts {', '.join(module.ARCHITECTURES)})"
+                f"(for {model_type}, jaxlm converts {', '.join(known)})"
             )
-    return module
+    return _mapping(HF_FAMILIES[model_type])
 
 
 def architecture_of(m: ModelConfig) -> ModuleType:
-    """The Hugging Face architecture a jaxlm model is exactly, for export."""
-    for module in (bert,) if m.family == "bert" else (gpt2, llama):
-        if module.fits(m):
-            return module
+    """The Hugging Face architecture a jaxlm model is exactly, for export: its family's
+    mapping if it fits, else another of the same kind's (a gpt2 with llama's parts)."""
+    own = FAMILIES[m.family]
+    kin = [f for f in FAMILIES.values() if f.kind == own.kind and f is not own]
+    for candidate in (own, *kin):
+        if candidate.hf and _mapping(candidate).fits(m):
+            return _mapping(candidate)
     parts = f"norm={m.norm} mlp={m.mlp} position={m.position} use_bias={m.use_bias}"
     raise JaxlmError(
         f"model.family {m.family} with {parts}, n_kv_heads={m.kv_heads}, "
         f"sliding_window={m.sliding_window} is none of the exportable architectures "
-        "(GPT-2, Llama, BERT)"
+        f"({', '.join(HF_FAMILIES)})"
     )
 
 
@@ -99,7 +113,7 @@ def read_hf_params(directory: str | Path, model: ModelConfig, abstract: Any) -> 
 
 
 def _tokenizer_file(directory: Path) -> Path | None:
-    for name in TOKENIZER_CHOICES:
+    for name in TOKENIZER_FILES:
         if (directory / name).is_file():
             return directory / name
     return None
@@ -117,11 +131,9 @@ def imported_config(model: ModelConfig, name: str, tokenizer_path: str = "") -> 
     )
 
 
-def load_hf_pretrained(hf_dir: str | Path, mesh: MeshConfig | None = None):
-    """`model, params, tokenizer, config` of a Hugging Face directory (a
-    `jaxlm.pretrained.Pretrained`); tokenizer is None when the directory has none."""
-    from jaxlm.pretrained import Pretrained, abstract_params, load_tokenizer_dir
-
+def load_hf_pretrained(hf_dir: str | Path, mesh: MeshConfig | None = None) -> Pretrained:
+    """`model, params, tokenizer, config` of a Hugging Face directory; tokenizer is None
+    when the directory has none."""
     hf_dir = Path(hf_dir)
     hf = read_hf_config(hf_dir)
     model = architecture_for(hf).config_from_hf(hf)
@@ -132,21 +144,19 @@ def load_hf_pretrained(hf_dir: str | Path, mesh: MeshConfig | None = None):
     if mesh is not None:
         config = config.replace(mesh=mesh)
     device_mesh, rules = shd.make_mesh(config.mesh), shd.logical_rules(config.mesh)
-    abstract, _ = abstract_params(config, device_mesh, rules)
+    model, abstract, _ = abstract_state(config, device_mesh, rules)
     params = read_hf_params(hf_dir, config.model, abstract)
     tokenizer = load_tokenizer_dir(hf_dir) if tokenizer_file else None
-    return Pretrained(build_model(config.model), params, tokenizer, config)
+    return Pretrained(model, params, tokenizer, config)
 
 
 def convert_from_hf(hf_dir: str | Path, out_dir: str | Path) -> Path:
     """Write a Hugging Face directory as a jaxlm model directory; returns it."""
-    from jaxlm.pretrained import save_pretrained
-
     hf_dir, out_dir = Path(hf_dir), Path(out_dir).absolute()
     architecture_for(read_hf_config(hf_dir))  # a bad directory fails before anything else
     tokenizer_file = _tokenizer_file(hf_dir)
     if tokenizer_file is None:
-        raise JaxlmError(f"{hf_dir}: no tokenizer (expected {' or '.join(TOKENIZER_CHOICES)})")
+        raise JaxlmError(f"{hf_dir}: no tokenizer (expected {' or '.join(TOKENIZER_FILES)})")
     _, params, _, config = load_hf_pretrained(hf_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     names = (tokenizer_file.name,)
@@ -188,10 +198,8 @@ def convert_to_hf(
     path: str | Path, out_dir: str | Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES
 ) -> Path:
     """Write a jaxlm run or model directory as a Hugging Face directory; returns it."""
-    from jaxlm.pretrained import load_pretrained
-
     path, out_dir = Path(path), Path(out_dir)
-    _, params, tokenizer, config = load_pretrained(path)
+    _, params, tokenizer, config = load_model_dir(path)
     m = config.model.resolved()
     module = architecture_of(m)
     hf = {**module.config_to_hf(m), **_token_ids(tokenizer), "dtype": m.param_dtype}

@@ -16,7 +16,6 @@ from jaxlm.hf.links import Link
 from jaxlm.model_config import ModelConfig
 
 MODEL_TYPE = "bert"
-ARCHITECTURES = ("BertForPreTraining", "BertForMaskedLM")
 
 
 def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
@@ -45,7 +44,7 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
 
 
 def fits(m: ModelConfig) -> bool:
-    return m.family == "bert" and m.kv_heads == m.n_heads and bool(m.use_bias)
+    return m.kv_heads == m.n_heads and bool(m.use_bias)
 
 
 def config_to_hf(m: ModelConfig) -> dict[str, Any]:

@@ -14,7 +14,6 @@ from jaxlm.hf.links import Link
 from jaxlm.model_config import ModelConfig
 
 MODEL_TYPE = "gpt2"
-ARCHITECTURES = ("GPT2LMHeadModel", "GPT2Model")
 TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")
 
 

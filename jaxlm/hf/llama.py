@@ -14,7 +14,6 @@ from jaxlm.hf.links import Link
 from jaxlm.model_config import ModelConfig
 
 MODEL_TYPE = "llama"
-ARCHITECTURES = ("LlamaForCausalLM",)
 ROPE_TYPES = ("default", "linear", "llama3")
 
 

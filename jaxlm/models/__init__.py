@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+import jax
 from flax import linen as nn
 
-from jaxlm.config import ModelConfig
+from jaxlm.model_config import FAMILIES, ModelConfig
+from jaxlm.models.attention import resolve_attention
 from jaxlm.models.decoder import Decoder, DecoderBlock
 from jaxlm.models.encdec import T5
 from jaxlm.models.encoder import BertEncoder, BertForPreTraining
@@ -18,20 +22,16 @@ __all__ = [
     "build_model",
 ]
 
-DECODER_FAMILIES = ("gpt2", "llama")
 
-
-def build_model(config: ModelConfig, deterministic: bool = True) -> nn.Module:
-    """The module for `config.family`, with the family's defaults filled in.
-
-    gpt2 and llama are both the decoder-only `Decoder`; they differ in its fields. t5
-    is the encoder-decoder `T5` and bert the encoder with MLM + NSP heads,
-    `BertForPreTraining` (research use: the trainer trains neither yet).
+def build_model(
+    config: ModelConfig, deterministic: bool = True, platform: str | None = None
+) -> nn.Module:
+    """The family's module (`FAMILIES[config.family].module`) for `config` with the
+    family's defaults filled in and `attention: auto` resolved for `platform` (default:
+    JAX's backend). Callers compiling for other devices than the local ones (AOT for
+    TPU on a CPU host) pass their platform, so the model is the one that will run there.
     """
-    if config.family in DECODER_FAMILIES:
-        return Decoder(config.resolved(), deterministic=deterministic)
-    if config.family == "t5":
-        return T5(config.resolved(), deterministic=deterministic)
-    if config.family == "bert":
-        return BertForPreTraining(config.resolved(), deterministic=deterministic)
-    raise ValueError(f"unknown model family {config.family!r}")
+    config = config.resolved()
+    attention = resolve_attention(config, platform or jax.default_backend())
+    config = dataclasses.replace(config, attention=attention)
+    return globals()[FAMILIES[config.family].module](config, deterministic=deterministic)

@@ -12,12 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 from flax import linen as nn
 
-from jaxlm.config import Config, ModelConfig, load_config
+from jaxlm.config import Config, load_config
 from jaxlm.errors import ConfigError, JaxlmError
-from jaxlm.models import build_model
+from jaxlm.train.state import param_shapes
 
 HF_PREFIX = "hf:"
 
@@ -46,13 +45,6 @@ def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
     return {"/".join(str(k.key) for k in path): tuple(leaf.shape) for path, leaf in flat}
 
 
-def _param_shapes(model: ModelConfig) -> dict[str, tuple[int, ...]]:
-    module = build_model(model)
-    tokens = jnp.zeros((1, min(8, model.max_len)), jnp.int32)
-    boxed = jax.eval_shape(lambda r: module.init(r, tokens)["params"], jax.random.PRNGKey(0))
-    return _shapes(nn.meta.unbox(boxed))
-
-
 def check_same_shapes(source: dict[str, tuple], target: dict[str, tuple], where: Path) -> None:
     """One error naming the first parameter the two models don't share."""
     for path in sorted(set(source) | set(target)):
@@ -71,7 +63,7 @@ def load_init_params(config: Config, params: Any) -> Any:
     """The weights named by `config.init_from`, on the shardings of `params` (the
     freshly initialised ones, which they replace)."""
     from jaxlm.hf import read_hf_params
-    from jaxlm.pretrained import CONFIG_FILE, restore_params
+    from jaxlm.model_dir import CONFIG_FILE, restore_params
 
     abstract = jax.tree_util.tree_map(
         lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=p.sharding), params
@@ -80,5 +72,5 @@ def load_init_params(config: Config, params: Any) -> Any:
     if is_hf:  # names and shapes are checked tensor by tensor while reading
         return read_hf_params(directory, config.model, abstract)
     source = load_config(directory / CONFIG_FILE).model
-    check_same_shapes(_param_shapes(source), _shapes(abstract), directory)
+    check_same_shapes(_shapes(nn.meta.unbox(param_shapes(source))), _shapes(abstract), directory)
     return restore_params(directory, abstract)

@@ -29,16 +29,15 @@ from jaxlm.data.pipeline import eval_batches, make_dataset, split_documents
 from jaxlm.data.tokenizer import cached_tokenizer, load_tokenizer
 from jaxlm.errors import JaxlmError, NonFiniteLoss
 from jaxlm.generation import generate_ids
-from jaxlm.models import DECODER_FAMILIES, build_model
+from jaxlm.model_config import FAMILIES, flops_per_token
 from jaxlm.paths import as_path
 from jaxlm.train import faults
 from jaxlm.train.init_from import check_init_from, load_init_params
-from jaxlm.train.metrics import MetricsWriter, flops_per_token, peak_flops_per_device
+from jaxlm.train.metrics import MetricsWriter, peak_flops_per_device, perplexity
 from jaxlm.train.objectives import for_family
-from jaxlm.train.optim import make_optimizer, make_schedule
 from jaxlm.train.preemption import Preempted, PreemptionGuard
-from jaxlm.train.state import TrainState, count_params, init_state, state_shardings
-from jaxlm.train.step import batch_shardings, jit_steps, make_eval_step, make_train_step
+from jaxlm.train.state import TrainState, count_params, init_state
+from jaxlm.train.step import batch_shardings, train_steps
 
 TOKENIZER_FILE = "tokenizer.model"
 
@@ -113,10 +112,6 @@ def _global_batch(batch: dict[str, np.ndarray], shardings: dict) -> dict[str, ja
     return {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in batch.items()}
 
 
-def _perplexity(loss: float) -> float:
-    return float(np.exp(min(loss, 50.0)))  # capped: an early loss can overflow exp
-
-
 _STEP_KEYS = ("loss", "grad_norm", "lr", "tokens", "nonfinite_steps")
 
 
@@ -126,7 +121,7 @@ def step_record(step: int, metrics: dict, tokens_per_sec: float, mfu: float) -> 
     return {
         "step": step,
         "loss": loss,
-        "perplexity": _perplexity(loss),
+        "perplexity": perplexity(loss),
         "grad_norm": float(metrics["grad_norm"]),
         "lr": float(metrics["lr"]),
         "tokens_per_sec": tokens_per_sec,
@@ -145,10 +140,11 @@ def evaluate(eval_fn, params, batches, shardings, summarize) -> dict[str, float]
     return {k: float(v) for k, v in summarize(sums).items()}
 
 
-def eval_record(metrics: dict[str, float], family: str) -> dict[str, float]:
+def eval_record(metrics: dict[str, float], per_token: bool) -> dict[str, float]:
+    """`eval_` metrics, with a perplexity when the loss is a mean over tokens."""
     record = {f"eval_{k}": v for k, v in metrics.items()}
-    if family != "bert":  # BERT's loss is two losses added: no perplexity
-        record["eval_perplexity"] = _perplexity(metrics["loss"])
+    if per_token:
+        record["eval_perplexity"] = perplexity(metrics["loss"])
     return record
 
 
@@ -219,9 +215,9 @@ def train(
     rules = shd.logical_rules(config.mesh)
     data_sharding = shd.batch_sharding(mesh, rules)
     shd.check_batch(t_cfg.batch_size, data_sharding, t_cfg.seq_len)
-    if config.data.target_len and config.model.family == "t5":
-        shd.check_batch(t_cfg.batch_size, data_sharding, config.data.target_len)
     objective = for_family(config.model.family)
+    if config.data.target_len and objective.target_keys:
+        shd.check_batch(t_cfg.batch_size, data_sharding, config.data.target_len)
     data_shardings = batch_shardings(mesh, rules, objective.batch_ranks)
 
     # Data and tokenizer: cheap, and the commonest source of user errors.
@@ -236,19 +232,8 @@ def train(
         (run_dir / "config.yaml").write_text(to_yaml(config))
 
     # Model and state shardings: every shape is checked here, before compiling.
-    model = build_model(config.model, deterministic=config.model.dropout == 0.0)
-    eval_model = build_model(config.model, deterministic=True)
-    tx = make_optimizer(config.optim, t_cfg.steps)
-    schedule = make_schedule(config.optim, t_cfg.steps)
-    abstract_state, shardings = state_shardings(model, tx, t_cfg.seq_len, mesh, rules)
-    train_fn, eval_fn = jit_steps(
-        make_train_step(model, tx, schedule, t_cfg.nonfinite, objective),
-        make_eval_step(eval_model, objective),
-        shardings,
-        mesh,
-        rules,
-        objective.batch_ranks,
-    )
+    model, abstract, shardings, tx, (train_fn, eval_fn) = train_steps(config, mesh, rules)
+    eval_model = model.clone(deterministic=True)
 
     train_ds = make_dataset(
         train_docs,
@@ -276,7 +261,7 @@ def train(
     )
 
     checkpointer = ckpt.Checkpointer(run_dir / "checkpoints", config.checkpoint)
-    state = checkpointer.restore_latest(abstract_state, data_iter, config.checkpoint.fallback)
+    state = checkpointer.restore_latest(abstract, data_iter, config.checkpoint.fallback)
     if state is not None:
         print(f"resumed from {checkpointer.step_dir(int(state.step))}")
     else:
@@ -335,14 +320,14 @@ def train(
                     evaluated = evaluate(
                         eval_fn, state.params, held_out_batches, data_shardings, objective.summarize
                     )
-                    record |= eval_record(evaluated, config.model.family)
+                    record |= eval_record(evaluated, objective.per_token)
                 result.history.append(record)
                 if writer:
                     writer.write(record)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tok_s:,.0f}")
                 last_time, last_step = time.perf_counter(), step
             checkpointer.save(step, state, data_iter, force=is_last or preempted)
-            faults.maybe_kill_during_save(step, checkpointer.wait_started)
+            faults.maybe_kill_during_save(step)
             checkpointer.poll()
             if preempted:
                 if writer:
@@ -356,7 +341,7 @@ def train(
     checkpointer.close()
     result.state = state
 
-    decoder = config.model.family in DECODER_FAMILIES  # bert and t5 sample no text
+    decoder = FAMILIES[config.model.family].kind == "decoder"  # continues text
     if t_cfg.sample_tokens and decoder and proc == 0 and end == t_cfg.steps:
         result.sample = sample_text(config, eval_model, jax.device_get(state.params), tokenizer)
     return result

@@ -1,4 +1,5 @@
-"""Throughput accounting (FLOPs per token, MFU) and the metrics.jsonl writer."""
+"""Throughput accounting (peak FLOP/s for MFU), perplexity and the metrics.jsonl writer.
+FLOPs per token are the family's, `jaxlm.model_config.flops_per_token`."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ from typing import Any
 import jax
 from etils import epath
 
-from jaxlm.config import ModelConfig
 from jaxlm.paths import is_remote
 
 # Dense peak per chip (TFLOP/s) in the precision a run of that chip would use.
@@ -42,19 +42,10 @@ def peak_flops_per_device(configured_tflops: float = 0.0) -> float:
     return CPU_HOST_TFLOPS * 1e12 / jax.local_device_count()
 
 
-def flops_per_token(config: ModelConfig, n_params: int, seq_len: int) -> float:
-    """Training FLOPs per token: 6 N for the matmuls (forward + backward) plus 12 L (n_heads
-    head_dim) T for attention scores and values (PaLM, App. B). N leaves out the tables that
-    are only looked up: a learned position table, and the input embedding when untied (tied,
-    it is also the output matmul). T is the attended span: seq_len, or a shorter sliding
-    window. Grouped kv heads and SwiGLU need no term of their own: they change N."""
-    c = config.resolved()
-    lookups = c.max_len * c.d_model if c.position == "learned" else 0
-    if not c.tie_embeddings:
-        lookups += c.vocab_size * c.d_model
-    span = min(seq_len, c.sliding_window or seq_len)
-    attention = 12.0 * c.n_layers * c.n_heads * c.head_dim * span
-    return 6.0 * (n_params - lookups) + attention
+def perplexity(loss: float) -> float:
+    """exp(loss), capped below float64's overflow (a diverged loss). The trainer's logs
+    and `jaxlm eval` both use it, so their perplexities compare."""
+    return math.exp(min(loss, 700.0))
 
 
 class MetricsWriter:

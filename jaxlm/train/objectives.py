@@ -1,4 +1,5 @@
-"""The training objectives, one per model family, behind one interface.
+"""The training objectives behind one interface; a family names its own in
+`jaxlm.model_config.FAMILIES`.
 
 An objective's `loss(model, params, batch, rng)` returns `(loss, weight, sums)`: the
 scalar the step minimises, the number of real target tokens, and additive statistics
@@ -18,6 +19,8 @@ import jax.numpy as jnp
 import optax
 from flax import linen as nn
 
+from jaxlm.model_config import FAMILIES
+
 Batch = dict[str, jax.Array]
 Sums = dict[str, jax.Array]
 LossFn = Callable[[nn.Module, Any, Batch, "jax.Array | None"], tuple[jax.Array, jax.Array, Sums]]
@@ -29,6 +32,9 @@ class Objective:
     summarize: Callable[[Mapping[str, Any]], dict[str, Any]]
     batch_ranks: Mapping[str, int]
     target_keys: tuple[str, ...] = ()  # (batch, target_len) arrays: seq2seq's decoder side
+    # The loss is a mean over target tokens: exp(loss) is a perplexity and an all-zero
+    # (padding) row weighs nothing. MLM + NSP adds a per-row NSP mean: neither holds.
+    per_token: bool = True
 
     def batch_shapes(
         self, batch_size: int, seq_len: int, target_len: int = 0
@@ -148,6 +154,7 @@ MLM_NSP = Objective(
         "mlm_mask": 2,
         "nsp_labels": 1,
     },
+    per_token=False,
 )
 SEQ2SEQ = Objective(
     seq2seq_loss,
@@ -157,5 +164,8 @@ SEQ2SEQ = Objective(
 )
 
 
+OBJECTIVES = {"causal_lm": CAUSAL_LM, "mlm_nsp": MLM_NSP, "seq2seq": SEQ2SEQ}
+
+
 def for_family(family: str) -> Objective:
-    return {"bert": MLM_NSP, "t5": SEQ2SEQ}.get(family, CAUSAL_LM)
+    return OBJECTIVES[FAMILIES[family].objective]

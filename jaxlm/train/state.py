@@ -2,7 +2,9 @@
 
 Parameters are never materialised unsharded: `jax.eval_shape` gives the shapes
 with their logical axis names, the rules turn those into shardings, and `init`
-runs under `jit` with those output shardings.
+runs under `jit` with those output shardings. `abstract_state` is the one place that
+happens: the trainer, `jaxlm compile`, `load_pretrained` (so `jaxlm eval`) and
+`init_from` all take their model, shapes and shardings from it.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from flax import struct
 from jax.sharding import Mesh
 
 from jaxlm import sharding as shd
+from jaxlm.config import Config, ModelConfig
+from jaxlm.models import build_model
 
 
 class TrainState(struct.PyTreeNode):
@@ -27,11 +31,15 @@ class TrainState(struct.PyTreeNode):
     nonfinite: jax.Array  # steps whose loss or gradients were NaN/inf
 
 
-def _init_fn(model: nn.Module, tx: optax.GradientTransformation, seq_len: int):
-    def init(rng: jax.Array) -> TrainState:
+def _init_fn(model: nn.Module, tx: optax.GradientTransformation | None, seq_len: int):
+    """init(rng) -> the TrainState, or with no optimizer the params alone."""
+
+    def init(rng: jax.Array) -> Any:
         init_rng, state_rng = jax.random.split(rng)
         tokens = jnp.zeros((1, seq_len), jnp.int32)
         params = model.init(init_rng, tokens)["params"]
+        if tx is None:
+            return params
         return TrainState(
             step=jnp.zeros((), jnp.int32),
             params=params,
@@ -43,14 +51,20 @@ def _init_fn(model: nn.Module, tx: optax.GradientTransformation, seq_len: int):
     return init
 
 
+def param_shapes(config: ModelConfig) -> Any:
+    """The params as ShapeDtypeStructs in their logical-axis boxes; nothing allocated."""
+    return jax.eval_shape(_init_fn(build_model(config), None, 1), jax.random.PRNGKey(0))
+
+
 def state_shardings(
     model: nn.Module,
-    tx: optax.GradientTransformation,
+    tx: optax.GradientTransformation | None,
     seq_len: int,
     mesh: Mesh,
     rules: shd.Rules,
-) -> tuple[TrainState, TrainState]:
-    """(abstract state with shardings attached, the shardings), checked against the mesh."""
+) -> tuple[Any, Any]:
+    """(abstract state with shardings attached, the shardings), checked against the mesh;
+    with no optimizer (`tx` None), of the params alone."""
     boxed = jax.eval_shape(_init_fn(model, tx, seq_len), jax.random.PRNGKey(0))
     shardings = shd.logical_shardings(boxed, mesh, rules)
     shd.check_divisible(boxed, shardings)
@@ -60,6 +74,22 @@ def state_shardings(
         shardings,
     )
     return abstract, shardings
+
+
+def abstract_state(
+    config: Config,
+    mesh: Mesh,
+    rules: shd.Rules,
+    tx: optax.GradientTransformation | None = None,
+    deterministic: bool = True,
+) -> tuple[nn.Module, Any, Any]:
+    """(model, abstract state, its shardings) of `config` on `mesh`: the TrainState, or
+    with no optimizer the params alone. The model is built for the mesh's platform, not
+    the host's, so `attention: auto` resolves for the devices that will run it (TPU
+    topology devices when `jaxlm compile` runs on a CPU host)."""
+    model = build_model(config.model, deterministic, mesh.devices.flat[0].platform)
+    abstract, shardings = state_shardings(model, tx, config.train.seq_len, mesh, rules)
+    return model, abstract, shardings
 
 
 def init_state(

@@ -11,10 +11,11 @@ import optax
 from flax import linen as nn
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxlm import runtime
 from jaxlm import sharding as shd
-from jaxlm.train.objectives import CAUSAL_LM, Objective, token_loss  # noqa: F401
-from jaxlm.train.state import TrainState
+from jaxlm.config import Config
+from jaxlm.train.objectives import CAUSAL_LM, Objective, for_family, token_loss  # noqa: F401
+from jaxlm.train.optim import make_optimizer, make_schedule
+from jaxlm.train.state import TrainState, abstract_state
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -96,6 +97,22 @@ def batch_shardings(
     }
 
 
+class InMesh:
+    """A jitted step that runs, and lowers, under the mesh and logical rules it was
+    sharded for: `jaxlm compile` lowers the very object the trainer calls."""
+
+    def __init__(self, jitted: Any, mesh: Mesh, rules: shd.Rules) -> None:
+        self.jitted, self.mesh, self.rules = jitted, mesh, rules
+
+    def __call__(self, *args: Any) -> Any:
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            return self.jitted(*args)
+
+    def lower(self, *args: Any) -> Any:
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            return self.jitted.lower(*args)
+
+
 def jit_steps(
     train_step: Callable,
     eval_step: Callable,
@@ -103,31 +120,42 @@ def jit_steps(
     mesh: Mesh,
     rules: shd.Rules,
     batch_ranks: dict[str, int] = CAUSAL_LM.batch_ranks,
-) -> tuple[Callable, Callable]:
+) -> tuple[InMesh, InMesh]:
     """Jit both steps with explicit shardings; the train state is donated.
     `batch_ranks` is the objective's batch keys and their ranks."""
     batch = batch_shardings(mesh, rules, batch_ranks)
     out = shd.replicated(mesh)
-    options = runtime.compiler_options()  # backend tuning, see jaxlm/runtime.py
     jitted_train = jax.jit(
         train_step,
         in_shardings=(state_shardings, batch),
         out_shardings=(state_shardings, out),
         donate_argnums=0,
-        compiler_options=options,
     )
     jitted_eval = jax.jit(
         eval_step,
         in_shardings=(state_shardings.params, batch),
         out_shardings=out,
-        compiler_options=options,
     )
+    return InMesh(jitted_train, mesh, rules), InMesh(jitted_eval, mesh, rules)
 
-    def with_context(fn: Callable) -> Callable:
-        def call(*args):
-            with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-                return fn(*args)
 
-        return call
-
-    return with_context(jitted_train), with_context(jitted_eval)
+def train_steps(
+    config: Config, mesh: Mesh, rules: shd.Rules
+) -> tuple[nn.Module, TrainState, TrainState, optax.GradientTransformation, tuple[InMesh, InMesh]]:
+    """(model, abstract state, its shardings, optimizer, (train step, eval step)): what
+    `train` runs, and `jaxlm compile` lowers, for `config` on `mesh`."""
+    tx = make_optimizer(config.optim, config.train.steps)
+    schedule = make_schedule(config.optim, config.train.steps)
+    model, abstract, shardings = abstract_state(
+        config, mesh, rules, tx, deterministic=config.model.dropout == 0.0
+    )
+    objective = for_family(config.model.family)
+    steps = jit_steps(
+        make_train_step(model, tx, schedule, config.train.nonfinite, objective),
+        make_eval_step(model.clone(deterministic=True), objective),
+        shardings,
+        mesh,
+        rules,
+        objective.batch_ranks,
+    )
+    return model, abstract, shardings, tx, steps
