@@ -135,6 +135,7 @@ class CompileReport:
     flops_per_step: float = 0.0  # 6N + attention per token (as for MFU), whole step
     xla_flops_per_chip: float = 0.0  # the compiler's count: a scanned layer loop counts once
     largest: list[ArrayLayout] = field(default_factory=list)
+    kernels: list[str] = field(default_factory=list)  # Pallas/Mosaic kernels in the step
     error: str = ""  # the compiler's out-of-memory message, when it gave up
 
     @property
@@ -212,8 +213,10 @@ def compile_train_step(
     )
     tokens = t_cfg.batch_size * t_cfg.seq_len
     report.flops_per_step = flops_per_token(config.model, report.n_params, t_cfg.seq_len) * tokens
+    lowered = step.lower(abstract, batch)
+    report.kernels = sorted(set(re.findall(r'kernel_name = "([^"]+)"', lowered.as_text())))
     try:
-        compiled = step.lower(abstract, batch).compile()
+        compiled = lowered.compile()
     except Exception as err:  # XLA's RESOURCE_EXHAUSTED: the step does not fit at all
         if "RESOURCE_EXHAUSTED" not in str(err) and "memory" not in str(err).lower():
             raise
@@ -248,6 +251,7 @@ def format_report(r: CompileReport) -> str:
         f"{r.topology.chips * r.slices} chips, {_gib(r.topology.hbm_bytes)} HBM per chip)",
         f"mesh: {mesh}",
         f"parameters: {r.n_params:,}",
+        f"kernels: {', '.join(r.kernels) or 'none (XLA only)'}",
     ]
     if r.error:
         lines += [

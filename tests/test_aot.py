@@ -107,3 +107,17 @@ def test_multislice_meshes_put_data_parallelism_across_slices():
         assert {d.slice_index for d in row.flat} == {slice_index}  # fsdp stays inside a slice
     with pytest.raises(JaxlmError, match="'mesh.data': 1 is not a multiple of the 2 slices"):
         shd.make_mesh(MeshConfig(data=1, fsdp=8), devices)
+
+
+def test_default_attention_compiles_the_splash_kernel_for_tpu():
+    """model.attention=auto resolves for the mesh's devices: splash for a llama on a TPU
+    topology, though this host is a CPU; an explicit einsum has no kernel."""
+    llama = ["model.family=llama", "train.seq_len=128", "model.max_len=128"]
+    v5e = parse_topology("v5e-2x2")
+    auto = compile_train_step(_tiny(*llama, "mesh.data=1", "mesh.fsdp=4"), v5e)
+    assert any(k.startswith("splash_mqa_fwd") for k in auto.kernels), auto.kernels
+    assert any("dkv" in k for k in auto.kernels)  # the backward pass too
+    einsum = compile_train_step(
+        _tiny(*llama, "mesh.data=1", "mesh.fsdp=4", "model.attention=einsum"), v5e
+    )
+    assert einsum.kernels == []

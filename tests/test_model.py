@@ -8,7 +8,7 @@ from flax import linen as nn
 
 from jaxlm.config import ModelConfig
 from jaxlm.models import build_model
-from jaxlm.models.attention import attention_bias, dot_product_attention
+from jaxlm.models.attention import attention_bias, einsum_attention
 
 VOCAB = 97
 GPT2 = ModelConfig(vocab_size=VOCAB, d_model=32, n_layers=2, n_heads=4, max_len=32)
@@ -46,7 +46,7 @@ def test_attention_matches_numpy_reference(n_heads, kv_heads, window):
     q = rng.standard_normal((2, 6, n_heads, 4)).astype(np.float32)
     k, v = (rng.standard_normal((2, 6, kv_heads, 4)).astype(np.float32) for _ in range(2))
     seg = np.array([[1, 1, 1, 2, 2, 0], [1, 1, 1, 1, 1, 1]])
-    out = dot_product_attention(q, k, v, attention_bias(jnp.asarray(seg), window=window))
+    out = einsum_attention(q, k, v, attention_bias(jnp.asarray(seg), window=window))
     expected = np.zeros_like(q)
     group = n_heads // kv_heads
     for b in range(2):

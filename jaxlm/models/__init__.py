@@ -24,14 +24,18 @@ __all__ = [
 
 
 def build_model(
-    config: ModelConfig, deterministic: bool = True, platform: str | None = None
+    config: ModelConfig,
+    deterministic: bool = True,
+    platform: str | None = None,
+    seq_len: int | None = None,
 ) -> nn.Module:
     """The family's module (`FAMILIES[config.family].module`) for `config` with the
     family's defaults filled in and `attention: auto` resolved for `platform` (default:
-    JAX's backend). Callers compiling for other devices than the local ones (AOT for
-    TPU on a CPU host) pass their platform, so the model is the one that will run there.
+    JAX's backend) and rows of `seq_len` tokens (None: not known). Callers compiling for
+    other devices than the local ones (AOT for TPU on a CPU host) pass their platform,
+    so the model is the one that will run there.
     """
     config = config.resolved()
-    attention = resolve_attention(config, platform or jax.default_backend())
+    attention = resolve_attention(config, platform or jax.default_backend(), seq_len)
     config = dataclasses.replace(config, attention=attention)
     return globals()[FAMILIES[config.family].module](config, deterministic=deterministic)

@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from jaxlm.model_config import ModelConfig
-from jaxlm.models.kernels import flash_attention, splash_attention, splash_fits
+from jaxlm.model_config import FAMILIES, ModelConfig
+from jaxlm.models.kernels import LANES, flash_attention, splash_attention, splash_fits
 from jaxlm.models.layers import EinsumDense
 from jaxlm.models.rope import RopeScaling, apply_rope
 
@@ -34,19 +34,21 @@ KV_AXES = ("batch", "length", "kv_heads", "head_dim")
 NEG_INF = float(jnp.finfo(jnp.float32).min)  # finite, so fully masked rows stay finite
 
 
-def resolve_attention(config: ModelConfig, platform: str) -> str:
-    """The implementation `config.attention` means on `platform` (tpu, gpu, cpu).
+def resolve_attention(config: ModelConfig, platform: str, seq_len: int | None = None) -> str:
+    """The implementation `config.attention` means on `platform` (tpu, gpu, cpu) for
+    rows of `seq_len` tokens (None: not known, taken to tile).
 
-    `auto` is the splash kernel on TPU for causal self-attention whose heads it can
-    tile (T5's relative bias and BERT's bidirectional mask take `dot_product` there),
+    `auto` is the splash kernel on TPU for causal self-attention whose heads and rows
+    it can tile (T5's relative bias and BERT's bidirectional mask take `dot_product`),
     `jax.nn.dot_product_attention` on GPU, and the einsum reference on CPU, which was
     the fastest path there (benchmarks/README.md)."""
     if config.attention != "auto":
         return config.attention
     c = config.resolved()
     if platform == "tpu":
-        causal_self = c.position != "relative" and c.family != "bert"
-        return "splash" if causal_self and splash_fits(c.head_dim) else "dot_product"
+        causal_self = FAMILIES[c.family].kind == "decoder"
+        tiles = splash_fits(c.head_dim) and (seq_len is None or seq_len % LANES == 0)
+        return "splash" if causal_self and tiles else "dot_product"
     return "dot_product" if platform in ("gpu", "cuda", "rocm") else "einsum"
 
 

@@ -53,7 +53,8 @@ def _init_fn(model: nn.Module, tx: optax.GradientTransformation | None, seq_len:
 
 def param_shapes(config: ModelConfig) -> Any:
     """The params as ShapeDtypeStructs in their logical-axis boxes; nothing allocated."""
-    return jax.eval_shape(_init_fn(build_model(config), None, 1), jax.random.PRNGKey(0))
+    model = build_model(config, seq_len=1)  # no attention kernel for a 1-token trace
+    return jax.eval_shape(_init_fn(model, None, 1), jax.random.PRNGKey(0))
 
 
 def state_shardings(
@@ -87,7 +88,8 @@ def abstract_state(
     with no optimizer the params alone. The model is built for the mesh's platform, not
     the host's, so `attention: auto` resolves for the devices that will run it (TPU
     topology devices when `jaxlm compile` runs on a CPU host)."""
-    model = build_model(config.model, deterministic, mesh.devices.flat[0].platform)
+    platform = mesh.devices.flat[0].platform
+    model = build_model(config.model, deterministic, platform, config.train.seq_len)
     abstract, shardings = state_shardings(model, tx, config.train.seq_len, mesh, rules)
     return model, abstract, shardings
 
