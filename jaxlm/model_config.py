@@ -48,8 +48,9 @@ class ModelConfig:
     dropout: float = 0.0
     layer_norm_eps: float = 1e-5  # of LayerNorm or RMSNorm
     norm: str = ""  # layernorm | rmsnorm
-    mlp: str = ""  # gelu | swiglu
-    position: str = ""  # learned (a table of max_len) | rope (from the packed positions)
+    mlp: str = ""  # gelu | swiglu | relu (T5)
+    # learned (a table of max_len) | rope (from the packed positions) | relative (T5's bias)
+    position: str = ""
     rope_base: float = 10000.0
     # RoPE context extension (Hugging Face `rope_scaling`): "" (none) | linear | llama3;
     # llama3 also reads the low/high frequency factors and the original context length.
@@ -65,9 +66,10 @@ class ModelConfig:
     param_dtype: str = "float32"
     scan_layers: bool = True
     remat: str = "none"  # none | full | dots
-    # einsum (reference) | dot_product (jax.nn) | flash | splash (Pallas TPU kernels,
-    # interpreted off TPU; seq_len a multiple of 128) | auto (the platform's best,
-    # chosen when the model is built: jaxlm.models.attention.resolve_attention)
+    # auto (the platform's best, chosen when the model is built for its devices:
+    # jaxlm.models.attention.resolve_attention) | einsum (the reference) | dot_product
+    # (jax.nn) | flash | splash (Pallas TPU kernels, interpreted off TPU; seq_len a
+    # multiple of 128)
     attention: str = "auto"
     # Encoder-decoder (t5) only: decoder depth (0 = n_layers; n_layers is the encoder's)
     # and T5's bucketed relative position bias.
