@@ -38,8 +38,6 @@ def step_hlo(name: str, settings: list[str]) -> str:
     import numpy as np
     from flax import linen as nn
 
-    from jaxlm import runtime
-
     c = CONFIGS[name]
     setup = train_setup([*shape_overrides(c), *settings], 100)
     shape = (c["batch"], c["seq_len"])
@@ -49,7 +47,7 @@ def step_hlo(name: str, settings: list[str]) -> str:
         "segment_ids": np.ones(shape, np.int32),
         "positions": np.broadcast_to(np.arange(shape[1], dtype=np.int32), shape),
     }
-    jitted = jax.jit(setup.raw_step, compiler_options=runtime.compiler_options())
+    jitted = jax.jit(setup.raw_step)
     with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
         return jitted.lower(setup.state, batch).compile().as_text()
 
@@ -79,15 +77,10 @@ def time_dot(lhs: tuple, rhs: tuple, numbers: tuple, repeats: int = 7) -> tuple[
     import jax
     import numpy as np
 
-    from jaxlm import runtime
-
     rng = np.random.default_rng(0)
     a = jax.numpy.asarray(rng.standard_normal(lhs, np.float32))
     b = jax.numpy.asarray(rng.standard_normal(rhs, np.float32))
-    fn = jax.jit(
-        lambda x, y: jax.lax.dot_general(x, y, numbers),
-        compiler_options=runtime.compiler_options(),
-    )
+    fn = jax.jit(lambda x, y: jax.lax.dot_general(x, y, numbers))
     out = fn(a, b).block_until_ready()
     times = []
     for _ in range(repeats):

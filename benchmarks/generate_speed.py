@@ -3,9 +3,8 @@
 New tokens/s for greedy decoding (fp32, a 32-token random prompt, 128 new tokens, no
 early stop) at batch 1 and 8, on GPT-2-architecture models with random weights:
 
-- jaxlm: `generate_ids` (prefill + `lax.while_loop` with a KV cache, one program; on
-  CPU the steps' output-major kernels come from another, once per params, so the first
-  call pays for them and `first_call_s` reports it);
+- jaxlm: `generate_ids` (prefill + `lax.while_loop` with a KV cache, one program;
+  `first_call_s` is the first call, compile included);
 - reference: `../shared/bench/torch_gpt_reference.py --generate` (PyTorch eager, KV
   cache, batch 1 only, as the script has no batch option for generation);
 - hf: `transformers` `GPT2LMHeadModel.generate` (KV cache), skipped with a message

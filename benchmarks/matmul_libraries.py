@@ -3,8 +3,7 @@ torch.matmul, in one process, alternating: fp32 for the training step's shapes, 
 bf16 for whether jaxlm's bf16 compute path can reach the CPU's bf16 units.
 
 XLA (jax 0.10) picks the library per compile with DebugOptions: YNNPACK fusions (its
-default), none of them (Eigen, XLA's own GEMM), XNNPACK or oneDNN dot fusions. The
-fastest fp32 choice is what jaxlm/runtime.py sets for CPU.
+default), none of them (Eigen, XLA's own GEMM), XNNPACK or oneDNN dot fusions.
 
     python benchmarks/matmul_libraries.py [--dtype float32|bfloat16] [--repeats 5]
 """

@@ -34,8 +34,6 @@ import compile_time
 import train_speed
 from bench_common import REPO, load_average, python, run_json, torch_available
 
-from jaxlm.runtime import process_env
-
 HERE = Path(__file__).resolve().parent
 GENERATE = HERE / "generate_speed.py"
 SECTIONS = ("train", "pipeline", "checkpoint", "compile", "generation")
@@ -88,7 +86,7 @@ def checkpoint_section(args) -> dict:
     name = "smoke" if args.smoke else "tiny"
     cmd = [python(), str(HERE / "checkpoint_cost.py"), "--config", name]
     cmd += ["--saves", "2" if args.smoke else "8", "--every", "2" if args.smoke else "5"]
-    return run_json(cmd, env=process_env())
+    return run_json(cmd)
 
 
 def compile_section(args) -> dict:
@@ -168,8 +166,7 @@ def report(results: dict) -> list[str]:
             f"{c['in_flight_slowdown_ms']:.1f} ms slower steps while writing = "
             f"{c['save_pct_of_step']:.1f}% (quartiles {c['save_pct_quartiles']}) of a "
             f"{c['step_ms']:.0f} ms step (target <= {TARGETS['checkpoint_pct']:.0f}%); the save "
-            f"took {c['save_cpu_ms']['normal']:.0f} ms CPU at normal priority and "
-            f"{c['save_cpu_ms']['idle']:.0f} ms at idle; restore {c['restore_ms']:.0f} ms"
+            f"took {c['save_cpu_ms']:.0f} ms CPU; restore {c['restore_ms']:.0f} ms"
         )
     k = results.get("compile")
     if k:

@@ -39,8 +39,6 @@ from bench_common import (
     xla_matmul_peak_gflops,
 )
 
-from jaxlm.runtime import process_env
-
 # jaxlm's settings for this run beyond the shared shape; everything else is jaxlm's
 # default (see benchmarks/README.md for what each one is worth). Unrolled layers: at
 # 4-12 layers compiling them costs seconds, and the step skips the scan's stacked
@@ -156,7 +154,7 @@ def compare(
     jax_cmd, ref_cmds = commands(name, steps, warmup, threads, settings, peak_n)
     rounds = []
     for i in range(repeats):
-        jx = run_json(jax_cmd, env=process_env())  # what the `jaxlm` command starts with
+        jx = run_json(jax_cmd)
         jx["compile_s"] = compile_seconds(jx)
         rnd = {"jaxlm": jx}
         line = f"  {name} round {i + 1}: jaxlm {jx['tokens_per_sec']:7.0f} tok/s"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jaxlm import runtime
 from jaxlm.errors import JaxlmError, NonFiniteLoss
 from jaxlm.train.preemption import PREEMPTED_EXIT_CODE, Preempted
 
@@ -282,8 +281,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if argv is None:  # the `jaxlm` command, not a call from Python
-        runtime.reexec_with_process_env()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     unknown = [e for e in extra if e.startswith("-") or "=" not in e]

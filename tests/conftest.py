@@ -3,11 +3,6 @@
 import os
 import tempfile
 
-from jaxlm import runtime  # imports no JAX
-
-# What the `jaxlm` command would re-execute itself with: set here, subprocesses start
-# with it and skip the re-exec.
-os.environ.update(runtime.process_env())
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()

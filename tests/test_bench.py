@@ -63,45 +63,11 @@ def test_smoke_run_reports_train_and_pipeline(smoke):
     assert "pipeline:" in stdout and "load average" in stdout
 
 
-def test_cpu_compiler_options_yield_to_the_user(monkeypatch):
-    from jaxlm import runtime
+def test_cpu_tuning_applies_on_cpu_only(monkeypatch):
+    import jax
 
-    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-    assert runtime.compiler_options("cpu") == {"xla_cpu_experimental_ynn_fusion_type": ""}
-    assert runtime.compiler_options("cpu", rows=1) == {"xla_cpu_experimental_ynn_fusion_type": ""}
-    assert runtime.compiler_options("cpu", rows=8) is None  # few rows: XLA's YNNPACK
-    assert runtime.compiler_options("tpu") is None
-    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=dot")
-    assert runtime.compiler_options("cpu") is None
-    monkeypatch.delenv("XLA_FLAGS")
-    monkeypatch.setenv("JAXLM_XLA_DEFAULTS", "0")
-    assert runtime.compiler_options("cpu") is None
+    from jaxlm import cpu_tuning
 
-
-def test_output_major_kernels_for_few_rows_on_cpu(monkeypatch):
-    from jaxlm import runtime
-
-    big, small = 500 * 2**20, 20 * 2**20  # GPT-2 small's weights, tiny's
-    assert runtime.output_major_kernels(8, small, "cpu")
-    assert runtime.output_major_kernels(1, big, "cpu")
-    assert not runtime.output_major_kernels(1, small, "cpu")  # cached: Eigen's matvec wins
-    assert not runtime.output_major_kernels(runtime.FEW_ROWS + 1, big, "cpu")
-    assert not runtime.output_major_kernels(8, big, "tpu")
-    assert runtime.unrolled_decoding("cpu") and not runtime.unrolled_decoding("tpu")
-    monkeypatch.setenv("JAXLM_XLA_DEFAULTS", "0")
-    assert not runtime.output_major_kernels(8, big, "cpu")
-    assert not runtime.unrolled_decoding("cpu")
-
-
-def test_process_env_adds_the_malloc_tunable_once():
-    from jaxlm import runtime
-
-    if not sys.platform.startswith("linux"):
-        pytest.skip("glibc tunables are Linux only")
-    assert runtime.process_env({}) == {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}
-    mine = {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"}
-    assert runtime.process_env(mine) == {
-        "GLIBC_TUNABLES": "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
-    }
-    assert runtime.process_env({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}) == {}
-    assert runtime.process_env({"JAXLM_XLA_DEFAULTS": "0"}) == {}
+    assert cpu_tuning.unroll_decoding()
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    assert not cpu_tuning.unroll_decoding()

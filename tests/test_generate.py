@@ -15,12 +15,10 @@ from flax import linen as nn
 
 from jaxlm.errors import JaxlmError
 from jaxlm.generation import generate_ids, next_token, nucleus_mask, top_p_filter
-from jaxlm.generation import programs as P
-from jaxlm.generation.programs import decoder_program, decoding_model
-from jaxlm.generation.sampling import Sampling, greedy_token
+from jaxlm.generation.programs import program
+from jaxlm.generation.sampling import greedy_token
 from jaxlm.model_config import ModelConfig
-from jaxlm.models import build_model, projection
-from jaxlm.models.projection import OUTPUT_MAJOR
+from jaxlm.models import build_model
 
 TIGHT = dict(rtol=1e-5, atol=1e-5)
 PROMPTS = [[5, 6, 7], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [42], [9, 9, 3, 4, 60]]
@@ -81,58 +79,6 @@ def test_cached_greedy_matches_full_recompute(name):
     assert len({t for row in greedy.tokens for t in row}) > 1, "weights too tame to test"
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
-def test_output_major_steps_match_plain_steps(name, monkeypatch):
-    """Decoding steps on CPU read output-major kernels (projection.OUTPUT_MAJOR) when the
-    kernels are big; these are small, so lower the bar and decode again."""
-    model, params, greedy = _greedy(name)
-    monkeypatch.setattr(projection, "OUTPUT_MAJOR_MIN_BYTES", 0)
-    P.clear_caches()
-    try:
-        run = decoding_model(model)
-        made = dict(_leaves(P.step_kernels(run, params, len(PROMPTS))[OUTPUT_MAJOR]))
-        unrolled = _leaves(P.decoding_params(run, params))  # on CPU scans run unrolled
-        decoding = [p for p, _ in unrolled if p[0].key != "encoder"]  # T5's runs once
-        n_kernels = sum(p[-1].key == "kernel" for p in decoding)
-        assert len(made) == n_kernels + model.config.resolved().tie_embeddings
-        for path, kernel in unrolled:
-            if path in made and kernel.ndim == 2:  # (in, out) -> (out, in)
-                np.testing.assert_array_equal(made[path], np.asarray(kernel).T)
-        again = generate_ids(model, params, PROMPTS, max_new_tokens=NEW, return_logits=True)
-        # Kept for these params: the same arrays, not transposed again.
-        kept = P.step_kernels(run, params, len(PROMPTS))
-        assert kept is P.step_kernels(run, params, len(PROMPTS))
-        fresh = jax.tree_util.tree_map(jnp.array, params)
-        assert P.step_kernels(run, fresh, len(PROMPTS)) is not kept
-    finally:
-        P.clear_caches()
-    assert again.tokens == greedy.tokens
-    for logits, expected in zip(again.logits, greedy.logits, strict=True):
-        np.testing.assert_allclose(logits, expected, **TIGHT)
-
-
-@pytest.mark.parametrize("name", ["gpt2", "llama-gqa-window-scan"])
-def test_phased_cache_matches_one_phase(name, monkeypatch):
-    """Decoder steps attend a cache that grows by phases (P.cache_phases); force four
-    phases of two slots on 8 new tokens: same tokens and logits as one phase."""
-    model, params, greedy = _greedy(name)
-    monkeypatch.setattr(P, "PHASE_SLOTS", 2)
-    monkeypatch.setattr(P, "MAX_PHASES", 4)
-    assert len(P.cache_phases(11, 8, len(PROMPTS))) == 4 and P.cache_phases(11, 8, 1) == [19]
-    P.clear_caches()
-    try:
-        again = generate_ids(model, params, PROMPTS, max_new_tokens=NEW, return_logits=True)
-    finally:
-        P.clear_caches()
-    assert again.tokens == greedy.tokens
-    for logits, expected in zip(again.logits, greedy.logits, strict=True):
-        np.testing.assert_allclose(logits, expected, **TIGHT)
-
-
-def _leaves(tree):
-    return jax.tree_util.tree_flatten_with_path(tree)[0]
-
-
 def test_sampling_is_reproducible_and_top_k_1_is_greedy():
     model, params, greedy = _greedy("gpt2")  # the sampling code is shared by every model
 
@@ -173,7 +119,6 @@ def test_eos_and_stop_sequences_end_rows_like_hugging_face():
 
 def test_one_compile_per_bucket():
     model, params, _ = _greedy("gpt2")
-    program = decoder_program(decoding_model(model), Sampling().static, 0, False, 1)
     before = program._cache_size()
     generate_ids(model, params, [[1, 2, 3]], max_new_tokens=5)
     generate_ids(model, params, [[4, 5, 6, 7, 8]], max_new_tokens=8)  # same buckets

@@ -18,15 +18,9 @@ import numpy as np
 from flax import linen as nn
 
 from jaxlm.errors import JaxlmError
-from jaxlm.generation.programs import (
-    decoder_program,
-    decoding_model,
-    encdec_program,
-    step_kernels,
-)
+from jaxlm.generation.programs import Request, Settings, decoding_model, program
 from jaxlm.generation.sampling import Sampling
-from jaxlm.models.decoder import Decoder
-from jaxlm.models.encdec import T5
+from jaxlm.model_config import FAMILIES
 
 MIN_BUCKET = 8
 
@@ -96,13 +90,15 @@ def generate_ids(
     `temperature` 0 is greedy (exactly argmax); above 0 it samples, with `top_k` (0 =
     off) and `top_p` (1.0 = off) and a PRNG seeded by `seed`, so the same call gives the
     same tokens. A row stops after emitting `eos_id` (one id or several) or a token
-    sequence of `stop`; the loop ends when every row has. `model` is a `Decoder`
-    (prompts are its inputs) or a `T5` (prompts are the encoder's inputs; the decoder
-    starts from `decoder_start_id`, T5's pad). With `mesh` and `rules` the program is
+    sequence of `stop`; the loop ends when every row has. `model` is a decoder
+    (prompts are its inputs) or an encoder-decoder (prompts are the encoder's inputs;
+    the decoder starts from `decoder_start_id`, T5's pad). With `mesh` and `rules` the program is
     traced under them, so the cache is sharded like the model.
     """
-    if not isinstance(model, Decoder | T5):
-        raise JaxlmError(f"cannot generate with a {type(model).__name__}: not a decoder or T5")
+    family = FAMILIES[model.config.family]
+    if not family.generates:
+        raise JaxlmError(f"cannot generate with a {model.config.family} model")
+    decoder = family.kind == "decoder"
     config = model.config.resolved()
     if max_new_tokens < 1:
         raise JaxlmError(f"max_new_tokens {max_new_tokens}: must be at least 1")
@@ -110,7 +106,7 @@ def generate_ids(
     prompts = _as_ids("prompt", prompts, config.vocab_size)
     if not prompts:
         raise JaxlmError("no prompts to generate from")
-    if isinstance(model, Decoder) and min(map(len, prompts)) == 0:
+    if decoder and min(map(len, prompts)) == 0:
         raise JaxlmError("a decoder-only model needs at least one prompt token (e.g. BOS)")
     longest = max(map(len, prompts))
     if config.position == "learned" and longest + max_new_tokens > config.max_len:
@@ -126,13 +122,14 @@ def generate_ids(
     lengths = np.zeros(batch, np.int32)
     for i, ids in enumerate(prompts):
         lengths[i] = len(ids)
-        if isinstance(model, Decoder):
+        if decoder:
             tokens[i, width - len(ids) :] = ids  # left padding
         else:
             tokens[i, : len(ids)] = ids  # right padding, masked in the encoder
-    active = np.arange(batch) < n_rows
-    common = (
-        jnp.asarray(active),
+    request = Request(
+        jnp.asarray(tokens),
+        jnp.asarray(lengths),
+        jnp.asarray(np.arange(batch) < n_rows),
         jnp.int32(max_new_tokens),
         jnp.asarray(_eos_array(eos_id)),
         jnp.asarray(stops),
@@ -140,24 +137,13 @@ def generate_ids(
         jnp.float32(sampling.temperature),
         jnp.float32(sampling.top_p),
     )
-    run_model = decoding_model(model)
+    settings = Settings(sampling.static, pad_id, decoder_start_id, return_logits)
     context = contextlib.ExitStack()
     if mesh is not None:
         context.enter_context(jax.set_mesh(mesh))
         context.enter_context(nn.logical_axis_rules(rules or ()))
     with context:
-        kernels = step_kernels(run_model, params, batch)
-        if isinstance(model, Decoder):
-            program = decoder_program(run_model, sampling.static, pad_id, return_logits, batch)
-            pad = jnp.asarray(width - lengths)
-            out = program(params, kernels, jnp.asarray(tokens), pad, *common, n_new=n_new)
-        else:
-            program = encdec_program(
-                run_model, sampling.static, pad_id, decoder_start_id, return_logits, batch
-            )
-            src_mask = np.arange(width)[None, :] < lengths[:, None]
-            src = (jnp.asarray(tokens), jnp.asarray(src_mask))
-            out = program(params, kernels, *src, *common, n_new=n_new)
+        out = program(decoding_model(model), settings, n_new, params, request)
     out = jax.device_get(out)
     new_lengths = out["length"][:n_rows]
     result = Generation([out["tokens"][i, :n].tolist() for i, n in enumerate(new_lengths)])

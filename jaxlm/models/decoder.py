@@ -17,10 +17,9 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from jaxlm.config import ModelConfig
-from jaxlm.models.attention import SelfAttention, attention_mask, cache_mask, uses_bias
+from jaxlm.model_config import ModelConfig
+from jaxlm.models.attention import SelfAttention, attention_mask, cache_mask, takes_mask
 from jaxlm.models.layers import MLPS, EinsumDense, logical, make_norm
-from jaxlm.models.projection import tied_logits
 from jaxlm.models.rope import rope_scaling
 from jaxlm.models.stack import stack_layers
 
@@ -61,7 +60,6 @@ class DecoderBlock(nn.Module):
             rope_scaling=rope_scaling(c),
             attention=c.attention,
             sliding_window=c.sliding_window,
-            causal=True,
             name="attn",
         )(
             norm("ln_attn")(x_BLD),
@@ -136,7 +134,7 @@ class Decoder(nn.Module):
         if cache_index is not None:
             assert key_valid_BS is not None, "decoding needs key_valid_BS"
             mask = cache_mask(key_valid_BS, cache_index, tokens_BL.shape[1], c.sliding_window)
-        elif uses_bias(c.attention):
+        elif takes_mask(c.attention):
             mask = attention_mask(segment_ids_BL, causal=True, window=c.sliding_window)
 
         args = (mask, positions_BL, segment_ids_BL)
@@ -148,7 +146,7 @@ class Decoder(nn.Module):
 
         x = make_norm(c.norm, c.layer_norm_eps, c.use_bias, dtype, param_dtype, "ln_final")(x)
         if c.tie_embeddings:
-            logits = tied_logits(self, embed, x)
+            logits = embed.attend(x)
         else:
             logits = EinsumDense(
                 "bld,dv->blv",

@@ -30,10 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from jaxlm.config import ModelConfig
+from jaxlm.model_config import ModelConfig
 from jaxlm.models.attention import SelfAttention
 from jaxlm.models.layers import INIT_STD, MLPS, EinsumDense, logical, rms_norm
-from jaxlm.models.projection import tied_logits
 from jaxlm.models.stack import REMAT_POLICIES
 
 NEG_INF = float(jnp.finfo(jnp.float32).min)  # finite, so a fully padded row stays finite
@@ -299,7 +298,7 @@ class T5(nn.Module):
         )
         if self.c.tie_embeddings:
             # T5's tied head rescales the decoder output before the shared embedding.
-            logits = tied_logits(self, self.embed, x * self.c.d_model**-0.5)
+            logits = self.embed.attend(x * self.c.d_model**-0.5)
         else:
             logits = self.lm_head(x)
         logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from jaxlm.config import ModelConfig
+from jaxlm.model_config import ModelConfig
 from jaxlm.models.attention import SelfAttention, attention_mask
 from jaxlm.models.layers import EinsumDense, GeluMlp, layer_norm, logical
 from jaxlm.models.stack import stack_layers

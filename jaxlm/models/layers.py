@@ -8,8 +8,6 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from jaxlm.models.projection import module_projection
-
 Initializer = Callable[..., jax.Array]
 INIT_STD = 0.02  # GPT-2's
 
@@ -79,7 +77,7 @@ class EinsumDense(nn.Module):
             self.kernel_shape,
             self.param_dtype,
         )
-        y = module_projection(self, self.equation, x.astype(self.dtype), kernel.astype(self.dtype))
+        y = jnp.einsum(self.equation, x.astype(self.dtype), kernel.astype(self.dtype))
         if self.bias_axes:
             n = len(self.bias_axes)
             bias_init = logical(nn.initializers.zeros, self.bias_axes)
