@@ -187,11 +187,22 @@ def test_nonfinite_skip_drops_the_update_and_goes_on(tmp_path):
     assert int(after["step"]) == 3 and int(after["nonfinite"]) == 1
 
 
-def test_nonfinite_stop_saves_last_good_state(tmp_path):
+@pytest.fixture(scope="module")
+def reference12(tmp_path_factory):
+    """An uninterrupted 12-step run, logging every step."""
+    run_dir = tmp_path_factory.mktemp("reference12")
+    out = jaxlm_train(run_dir, "train.steps=12")
+    assert out.returncode == 0, out.stderr
+    return run_dir
+
+
+def test_nonfinite_stop_saves_last_good_state_and_resumes_exactly(reference12, tmp_path):
+    """The bad step 3 is only seen at step 5, two batches later (log_every=5): the
+    saved data position must still be the good step's, and the resumed run must not
+    stop again on clean batches."""
     run_dir = tmp_path / "run"
-    out = jaxlm_train(
-        run_dir, "train.steps=20", "train.nonfinite=stop", "train.log_every=5", **{POISON_ENV: "3"}
-    )
+    args = ("train.steps=12", "train.nonfinite=stop", "train.log_every=5")
+    out = jaxlm_train(run_dir, *args, **{POISON_ENV: "3"})
     assert out.returncode == 3
     assert (
         "non-finite loss or gradients at step 3 (train.nonfinite=stop); "
@@ -202,3 +213,10 @@ def test_nonfinite_stop_saves_last_good_state(tmp_path):
     for step in saved:  # never a checkpoint with NaN in it
         state = saved_state(run_dir, step)
         assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(state["params"]))
+
+    resumed = jaxlm_train(run_dir, *args)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from {run_dir}/checkpoints/2" in resumed.stdout
+    want = losses(reference12)
+    assert losses(run_dir) == {s: want[s] for s in (5, 10, 12)}
+    assert_same_params(saved_state(run_dir, 12), saved_state(reference12, 12))

@@ -148,10 +148,26 @@ def eval_record(metrics: dict[str, float], per_token: bool) -> dict[str, float]:
     return record
 
 
-def _stop_on_nonfinite(checkpointer: ckpt.Checkpointer, state: TrainState, data_iter) -> None:
-    """Save the frozen last good state (train.nonfinite=stop) and end the run."""
+def _clear_nonfinite(state: TrainState) -> TrainState:
+    """Under `stop` the step freezes while `state.nonfinite` is above zero, so the last
+    good state, saved or restored, must count zero, or a resumed run freezes at once."""
+    return state.replace(nonfinite=state.nonfinite * 0)
+
+
+def _stop_on_nonfinite(
+    checkpointer: ckpt.Checkpointer, state: TrainState, data_iter, checked: tuple[int, dict]
+) -> None:
+    """Save the frozen last good state (train.nonfinite=stop) and end the run.
+
+    The loop only looks at sync points, so it has read past the good step; the data
+    position goes back to the last checked step's and forward to the good one's, so a
+    resume sees the same batches as an uninterrupted run."""
     good = int(state.step)
-    checkpointer.save(good, state, data_iter, force=True)
+    checked_step, position = checked
+    data_iter.set_state(position)
+    for _ in range(good - checked_step):
+        next(data_iter)
+    checkpointer.save(good, _clear_nonfinite(state), data_iter, force=True)
     checkpointer.close()
     raise NonFiniteLoss(
         f"non-finite loss or gradients at step {good + 1} (train.nonfinite=stop); "
@@ -264,6 +280,8 @@ def train(
     state = checkpointer.restore_latest(abstract, data_iter, config.checkpoint.fallback)
     if state is not None:
         print(f"resumed from {checkpointer.step_dir(int(state.step))}")
+        if t_cfg.nonfinite == "stop":
+            state = _clear_nonfinite(state)
     else:
         state = init_state(
             model,
@@ -296,6 +314,7 @@ def train(
     last_time, last_step = time.perf_counter(), start
     end = t_cfg.steps if stop_at is None else min(stop_at, t_cfg.steps)
     guard = PreemptionGuard(enabled=n_proc == 1)  # multi-host: JAX's preemption service
+    checked = (start, data_iter.get_state())  # stop: the last step seen finite, its position
     with guard:
         for step in range(start + 1, end + 1):
             local = faults.maybe_poison(step, next(data_iter), config.model.vocab_size)
@@ -311,7 +330,9 @@ def train(
                 if t_cfg.nonfinite == "stop" and metrics["nonfinite_steps"] > 0:
                     if writer:
                         writer.close()
-                    _stop_on_nonfinite(checkpointer, state, data_iter)
+                    _stop_on_nonfinite(checkpointer, state, data_iter, checked)
+                if t_cfg.nonfinite == "stop":
+                    checked = (step, data_iter.get_state())
             if do_log:
                 now = time.perf_counter()
                 tok_s = tokens_per_step * (step - last_step) / (now - last_time)
