@@ -1,5 +1,6 @@
 """Checkpoints: an orbax `CheckpointManager` holding the train state and the data
-iterator's position, saved asynchronously every N steps, checksummed once written.
+iterator's position, saved asynchronously every N steps, checksummed before orbax
+commits them (integrity.py).
 
 Restoring takes the abstract state (shapes plus the *current* mesh's shardings), so a
 checkpoint written under one mesh comes back laid out for whatever mesh is running now.
@@ -8,17 +9,17 @@ ones it passed over.
 
 Saves are orbax's async saves, the same on every platform: the loop blocks only
 while orbax copies the state to host memory, and writing and checksumming happen in
-background threads while the next steps run.
+orbax's background thread while the next steps run. `checkpoint.async_save=false`
+waits for that thread, so the same commit path holds for both.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import os
+from collections.abc import Callable
 from typing import Any
 
 import grain
-import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -27,13 +28,21 @@ from jaxlm.config import CheckpointConfig
 from jaxlm.data.checkpointing import StreamsHandler, StreamsRestore, StreamsSave
 from jaxlm.errors import JaxlmError
 from jaxlm.paths import as_path
+from jaxlm.train import faults
 
 
-def make_manager(directory: str | os.PathLike, config: CheckpointConfig) -> ocp.CheckpointManager:
+def make_manager(
+    directory: str | os.PathLike,
+    config: CheckpointConfig,
+    before_commit: Callable[[], None] | None = None,
+) -> ocp.CheckpointManager:
+    """`before_commit` runs on process 0 once every process has written a step and
+    before orbax commits it (orbax's `post_finalization_callback`)."""
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=config.every,
         max_to_keep=config.keep,
-        enable_async_checkpointing=config.async_save,
+        enable_async_checkpointing=True,  # the only path with a hook before the commit
+        async_options=ocp.AsyncOptions(post_finalization_callback=before_commit),
         cleanup_tmp_directories=True,
         create=True,
     )
@@ -67,17 +76,16 @@ def restore(
 
 
 class Checkpointer:
-    """The run's checkpoints: async saves, manifests once written, verified restores."""
+    """The run's checkpoints: async saves, sealed with a manifest before they are
+    committed, verified before they are restored."""
 
     def __init__(self, directory: str | os.PathLike, config: CheckpointConfig) -> None:
         self.directory = as_path(directory)  # local or gs://
         self.config = config
         # Reported before orbax's cleanup removes them.
         self.incomplete = integrity.incomplete_steps(self.directory)
-        self.manager = make_manager(self.directory, config)
-        self._unsealed: list[int] = []  # saved steps still waiting for their manifest
-        self._sealing: list[concurrent.futures.Future] = []
-        self._sealer = concurrent.futures.ThreadPoolExecutor(1, "jaxlm-seal")
+        self._saving = -1  # the step orbax is writing; one save at a time
+        self.manager = make_manager(self.directory, config, self._seal)
 
     def step_dir(self, step: int) -> epath.Path:
         return self.directory / str(step)
@@ -86,43 +94,31 @@ class Checkpointer:
         """Start an async save if `step` is due (or `force`); returns whether it started."""
         if step in self.manager.all_steps() or not (force or self.manager.should_save(step)):
             return False
-        if self._in_flight():
-            # The previous save must land first, so a crash never loses more than the
-            # steps since it.
-            self.wait()
+        # The previous save must land first, so a crash never loses more than the
+        # steps since it.
+        self.manager.wait_until_finished()
+        self._saving = step
         position = _Position(data_iter.get_state(), data_iter.num_streams)
         args = ocp.args.Composite(state=ocp.args.PyTreeSave(state), data=StreamsSave(position))
-        if self.manager.save(step, args=args, force=force):
-            self._unsealed.append(step)
+        self.manager.save(step, args=args, force=force)
+        if not self.config.async_save:
+            self.manager.wait_until_finished()
         return True
 
-    def _in_flight(self) -> bool:
-        sealing = any(not f.done() for f in self._sealing)
-        return bool(self._unsealed) or sealing or self.manager.is_saving_in_progress()
+    def _seal(self) -> None:
+        """Write the manifest into the step orbax is about to commit, so every
+        committed step has one and a step without one is known to be damaged."""
+        integrity.write_manifest(integrity.uncommitted_dir(self.directory, self._saving))
+        faults.maybe_kill_before_commit(self._saving)
 
     def poll(self) -> None:
-        """Start checksumming saves that have finished, in the background; cheap enough
-        to call every step."""
-        if self._unsealed and not self.manager.is_saving_in_progress():
-            self._seal()
+        """Raise here an error of a save that failed in the background; cheap enough to
+        call every step."""
+        self.manager.check_for_errors()
 
     def wait(self) -> None:
-        """Block until every save in flight is on disk and checksummed."""
+        """Block until every save in flight is committed."""
         self.manager.wait_until_finished()
-        self._seal()
-        for future in self._sealing:
-            future.result()
-        self._sealing = []
-
-    def _seal(self) -> None:
-        done = [f for f in self._sealing if f.done()]
-        self._sealing = [f for f in self._sealing if f not in done]
-        for future in done:
-            future.result()  # a failed manifest raises here, at the next seal
-        if jax.process_index() == 0:
-            steps = [self.step_dir(step) for step in self._unsealed]
-            self._sealing.append(self._sealer.submit(_write_manifests, steps))
-        self._unsealed = []
 
     def restore_latest(
         self, abstract_state: Any, data_iter: grain.DatasetIterator, fallback: bool
@@ -131,12 +127,8 @@ class Checkpointer:
         for path in self.incomplete:
             print(f"skipping incomplete checkpoint {path.name} (a save that never finished)")
         for step in sorted(self.manager.all_steps(), reverse=True):
-            step_dir = self.step_dir(step)
             try:
-                if integrity.has_manifest(step_dir):
-                    integrity.verify(step_dir, step)
-                else:
-                    print(f"checkpoint step {step} has no manifest; restoring unverified")
+                integrity.verify(self.step_dir(step), step)
                 return restore(self.manager, step, abstract_state, data_iter)
             except JaxlmError as err:
                 if not fallback:
@@ -148,9 +140,7 @@ class Checkpointer:
         return None
 
     def close(self) -> None:
-        self.wait()
         self.manager.close()
-        self._sealer.shutdown()
 
 
 class _Position:
@@ -162,9 +152,3 @@ class _Position:
 
     def get_state(self) -> dict:
         return self.state
-
-
-def _write_manifests(step_dirs: list[epath.Path]) -> None:
-    for step_dir in step_dirs:
-        if step_dir.is_dir():  # may have been rotated out already
-            integrity.write_manifest(step_dir)

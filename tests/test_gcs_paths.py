@@ -107,3 +107,15 @@ def test_manifests_verify_checkpoint_files_on_gs(gcs):
     (step_dir / "state" / "a.bin").write_bytes(b"x" * 99 + b"y")
     with pytest.raises(integrity.CorruptCheckpoint, match="a.bin: contents altered"):
         integrity.verify(step_dir, 10)
+
+
+def test_uncommitted_steps_on_gs_are_incomplete(gcs):
+    """On object stores orbax writes the step directory in place and commits it with
+    commit_success.txt; a step without it is a save that never finished."""
+    checkpoints = gcs / "run" / "checkpoints"
+    for step in (5, 10):
+        (checkpoints / str(step) / "state").mkdir(parents=True, exist_ok=True)
+        (checkpoints / str(step) / "state" / "a.bin").write_bytes(b"x")
+    (checkpoints / "5" / integrity.COMMIT_FILE).write_text("done")
+    assert [p.name for p in integrity.incomplete_steps(checkpoints)] == ["10"]
+    assert integrity.uncommitted_dir(checkpoints, 10) == checkpoints / "10"

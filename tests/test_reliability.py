@@ -16,7 +16,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from jaxlm.train.faults import KILL_ENV, POISON_ENV
+from jaxlm.train.faults import KILL_BEFORE_COMMIT_ENV, KILL_ENV, POISON_ENV
 from jaxlm.train.preemption import PREEMPTED_EXIT_CODE
 
 from .conftest import REPO, TINY
@@ -137,11 +137,30 @@ def two_checkpoints(pristine, tmp_path):
     return run_dir, files[-1]
 
 
-@pytest.mark.parametrize("damage", ["truncate", "alter"])
+def test_kill_after_manifest_before_commit_is_ignored(tmp_path):
+    """The manifest is written inside the step before orbax commits it: a crash in
+    between leaves an uncommitted step, never a committed one without a manifest."""
+    run_dir = tmp_path / "run"
+    killed = jaxlm_train(run_dir, "train.steps=12", **{KILL_BEFORE_COMMIT_ENV: "10"})
+    assert killed.returncode == -signal.SIGKILL
+    partial = run_dir / "checkpoints" / "10.orbax-checkpoint-tmp"
+    assert (partial / "jaxlm_manifest.json").is_file()
+
+    resumed = jaxlm_train(run_dir, "train.steps=12")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"skipping incomplete checkpoint {partial.name}" in resumed.stdout
+    assert f"resumed from {run_dir}/checkpoints/5" in resumed.stdout
+
+
+@pytest.mark.parametrize("damage", ["truncate", "alter", "no manifest"])
 def test_corrupt_checkpoint_is_named_and_fallback_resumes(two_checkpoints, damage):
     run_dir, victim = two_checkpoints
     data = victim.read_bytes()
-    if damage == "truncate":
+    if damage == "no manifest":  # every committed step has one: this one was damaged
+        victim = run_dir / "checkpoints" / "10" / "jaxlm_manifest.json"
+        victim.unlink()
+        problem = "missing, so no file can be checked"
+    elif damage == "truncate":
         victim.write_bytes(data[: len(data) // 2])
         problem = f"truncated or resized ({len(data) // 2} of {len(data)} bytes)"
     else:

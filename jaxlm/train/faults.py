@@ -14,6 +14,8 @@ import numpy as np
 
 POISON_ENV = "JAXLM_FAULT_POISON_STEPS"  # e.g. "5,6": those batches give NaN
 KILL_ENV = "JAXLM_FAULT_KILL_DURING_SAVE"  # a step: SIGKILL right after its save starts
+# a step: SIGKILL once its files and manifest are written, just before orbax commits it
+KILL_BEFORE_COMMIT_ENV = "JAXLM_FAULT_KILL_BEFORE_COMMIT"
 
 
 def _steps(name: str) -> frozenset[int]:
@@ -31,4 +33,10 @@ def maybe_poison(step: int, batch: dict[str, np.ndarray], vocab_size: int) -> di
 def maybe_kill_during_save(step: int) -> None:
     """Called right after the step's async save started: orbax is writing it now."""
     if step in _steps(KILL_ENV):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def maybe_kill_before_commit(step: int) -> None:
+    """Called by the checkpointer after the manifest is written, before the commit."""
+    if step in _steps(KILL_BEFORE_COMMIT_ENV):
         os.kill(os.getpid(), signal.SIGKILL)
