@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import glob
+import os
 import sys
 
 from jaxlm.errors import JaxlmError, NonFiniteLoss
@@ -280,7 +282,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_TPU_ENV = ("TPU_ACCELERATOR_TYPE", "TPU_WORKER_HOSTNAMES", "TPU_NAME", "TPU_WORKER_ID")
+_ACCELERATOR_DEVICES = ("/dev/accel*", "/dev/vfio/[0-9]*", "/dev/nvidia[0-9]*", "/dev/kfd")
+
+
+def quiet_without_accelerator() -> None:
+    """Keep libtpu's TPU probe quiet on a machine with no TPU or GPU attached.
+
+    libtpu (the test extra has it, for `jaxlm compile`) probes for a TPU whenever JAX
+    starts, and without one prints errors that look like failures. Here JAX gets the
+    CPU unless JAX_PLATFORMS says otherwise, and the probe gets the two answers it
+    would look up (the compile-only topology API of `jaxlm compile` still loads
+    libtpu). With a TPU attached or TPU variables set, nothing changes, so real TPU
+    errors still show. Runs before JAX is imported: JAX reads these at start.
+    """
+    if any(os.environ.get(k) for k in _TPU_ENV):
+        return
+    if any(glob.glob(pattern) for pattern in _ACCELERATOR_DEVICES):
+        return
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    os.environ["TPU_ACCELERATOR_TYPE"] = "v5litepod-1"  # compile-only: --topology decides
+    os.environ["TPU_WORKER_HOSTNAMES"] = "localhost"
+
+
 def main(argv: list[str] | None = None) -> int:
+    quiet_without_accelerator()
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     unknown = [e for e in extra if e.startswith("-") or "=" not in e]
