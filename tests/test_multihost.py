@@ -7,9 +7,11 @@ each other through `distributed.coordinator` and talk over gloo (CPU collectives
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -22,6 +24,7 @@ from jaxlm.distributed import resolve
 from jaxlm.errors import JaxlmError
 from jaxlm.train.loop import train
 from jaxlm.train.metrics import read_metrics
+from jaxlm.train.preemption import PREEMPTED_EXIT_CODE
 
 from .conftest import REPO, TINY
 
@@ -34,7 +37,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _two_processes(run_dir, *extra) -> list[subprocess.CompletedProcess]:
+def _two_processes(run_dir, *extra, signal_when=None) -> list[subprocess.CompletedProcess]:
+    """Run the pair; `signal_when(procs)`, if given, is called while they run."""
     env = dict(
         os.environ,
         XLA_FLAGS="--xla_force_host_platform_device_count=4",
@@ -54,6 +58,8 @@ def _two_processes(run_dir, *extra) -> list[subprocess.CompletedProcess]:
         )
         for i in range(2)
     ]
+    if signal_when:
+        signal_when(procs)
     results = []
     for p in procs:
         out, err = p.communicate(timeout=400)
@@ -200,3 +206,43 @@ def test_a_lone_process_stays_alone():
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "'distributed.mode': on, but no cluster was detected" in out.stdout
+
+
+PREEMPT = ["train.steps=20", "checkpoint.every=1000"]
+
+
+def test_sigterm_to_one_process_saves_the_same_step_on_both_and_resumes_exactly(tmp_path):
+    """JAX's preemption service tells every process; orbax's sync point picks one step
+    for all of them, so the pair saves it together and exits with code 75."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    metrics = run_dir / "metrics.jsonl"
+
+    def sigterm_process_1(procs):
+        deadline = time.time() + 300
+        while time.time() < deadline and procs[0].poll() is None:
+            if metrics.is_file() and len(metrics.read_text().splitlines()) >= 3:
+                break
+            time.sleep(0.05)
+        procs[1].send_signal(signal.SIGTERM)
+
+    results = _two_processes(run_dir, *PREEMPT, signal_when=sigterm_process_1)
+    assert [r.returncode for r in results] == [PREEMPTED_EXIT_CODE] * 2, results[1].stderr[-3000:]
+    step = max(r["step"] for r in read_metrics(metrics))
+    assert 3 <= step < 20
+    assert f"preempted at step {step}" in results[0].stderr
+    assert (run_dir / "checkpoints" / str(step) / "jaxlm_manifest.json").is_file()
+    streams = sorted(
+        p.name for p in (run_dir / "checkpoints" / str(step) / "data").glob("stream_*")
+    )
+    assert streams == ["stream_0-of-2.json", "stream_1-of-2.json"]  # both processes saved
+
+    resumed = _two_processes(run_dir, *PREEMPT)
+    assert [r.returncode for r in resumed] == [0, 0], resumed[1].stderr[-3000:]
+    assert f"resumed from {run_dir}/checkpoints/{step}" in resumed[0].stdout
+    whole = train(load_config(None, [*ARGS, *PREEMPT]), tmp_path / "one", progress=False)
+    two = read_metrics(metrics)
+    assert [r["step"] for r in two] == list(range(1, 21))
+    np.testing.assert_allclose(
+        [r["loss"] for r in two], [r["loss"] for r in whole.history], atol=2e-5
+    )

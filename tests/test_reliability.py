@@ -239,3 +239,35 @@ def test_nonfinite_stop_saves_last_good_state_and_resumes_exactly(reference12, t
     want = losses(reference12)
     assert losses(run_dir) == {s: want[s] for s in (5, 10, 12)}
     assert_same_params(saved_state(run_dir, 12), saved_state(reference12, 12))
+
+
+def test_second_ctrl_c_aborts_at_once(tmp_path):
+    """The first SIGINT asks for a checkpoint; a second one, before it is written,
+    aborts without one."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        command(run_dir, "train.steps=120", "checkpoint.every=1000"),
+        cwd=REPO,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    # Two signals sent at once arrive as one: wait until the first is handled.
+    for line in proc.stdout:
+        if "SIGINT received" in line:
+            proc.send_signal(signal.SIGINT)
+            break
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "jaxlm: interrupted" in stderr and "preempted" not in stderr
+    assert not (run_dir / "checkpoints").is_dir() or not any(
+        p.name.isdigit() for p in (run_dir / "checkpoints").iterdir()
+    )
