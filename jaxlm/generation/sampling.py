@@ -65,9 +65,9 @@ def top_p_filter(logits_BV: jax.Array, top_p: jax.Array | float) -> jax.Array:
 def greedy_token(logits_BV: jax.Array) -> jax.Array:
     """argmax over the vocabulary, lowest id on ties, as a max and a min of ids.
 
-    XLA's CPU argmax is a variadic (value, index) reduce that ran 3x slower than these
-    two plain reductions (0.96 vs 0.30 ms a step on GPT-2 small's 8 x 50304 logits). A
-    NaN counts as a hit, so a row with NaNs still gets a valid id.
+    Two plain reductions instead of XLA's variadic (value, index) argmax reduce, which
+    XLA's CPU backend runs slower (benchmarks/README.md); the ids and the tie rule are
+    the same. A NaN counts as a hit, so a row with NaNs still gets a valid id.
     """
     best_B1 = jnp.max(logits_BV, axis=-1, keepdims=True)
     hit_BV = (logits_BV == best_B1) | jnp.isnan(logits_BV)
