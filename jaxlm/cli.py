@@ -31,6 +31,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config_path, overrides = _split_overrides(args.config)
     config = load_config(config_path, overrides)
+    if args.profile and not config.train.profile_steps:
+        from jaxlm.observe.profile import default_window
+
+        config = config.replace(train={"profile_steps": default_window(config.train.steps)})
     distributed.initialize(config.distributed)  # before anything asks JAX for devices
     run_dir = args.run_dir or default_run_dir(config)  # a local path or gs://
     result = train(config, run_dir, progress=not args.no_progress)
@@ -213,6 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", nargs="+", help="CONFIG.yaml followed by key=value overrides")
     train.add_argument("--run-dir", help="run directory (default: runs/<config name>)")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument(
+        "--profile",
+        action="store_true",
+        help="trace steps 3..5 into RUN_DIR/profile (or train.profile_steps=[START,END])",
+    )
     train.set_defaults(func=cmd_train)
 
     info = sub.add_parser("info", help="parameter count and FLOPs per token of a config")

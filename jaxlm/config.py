@@ -68,6 +68,7 @@ class TrainConfig:
     sample_tokens: int = 200  # generated at the end of training; 0 = none
     sample_prompt: str = ""
     nonfinite: str = "skip"  # a NaN/inf loss or gradient: skip the update, or stop
+    profile_steps: list[int] = field(default_factory=list)  # [START, END]: jax.profiler trace
 
 
 @dataclass(frozen=True)
@@ -318,6 +319,12 @@ def validate(c: Config) -> Config:
     _check(t.sample_tokens >= 0, "train.sample_tokens", "must be >= 0")
     _check(t.nonfinite in ("skip", "stop"), "train.nonfinite", "must be skip or stop")
     _check(t.peak_tflops >= 0, "train.peak_tflops", "must be >= 0")
+    _check(
+        not t.profile_steps
+        or (len(t.profile_steps) == 2 and 1 <= t.profile_steps[0] <= t.profile_steps[1]),
+        "train.profile_steps",
+        "must be [] or [START, END] with 1 <= START <= END",
+    )
     _check(o.lr > 0 and math.isfinite(o.lr), "optim.lr", "must be a positive number")
     _check(o.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
     _check(0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio", "must be in [0, 1]")

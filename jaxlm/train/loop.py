@@ -30,6 +30,8 @@ from jaxlm.data.tokenizer import cached_tokenizer, load_tokenizer
 from jaxlm.errors import JaxlmError, NonFiniteLoss
 from jaxlm.generation import generate_ids
 from jaxlm.model_config import FAMILIES, flops_per_token
+from jaxlm.observe.profile import StepProfiler
+from jaxlm.observe.tensorboard import TensorBoardWriter
 from jaxlm.paths import as_path
 from jaxlm.train import faults
 from jaxlm.train.init_from import check_init_from, load_init_params
@@ -300,6 +302,7 @@ def train(
     fpt = flops_per_token(config.model, n_params, t_cfg.seq_len)
     peak = peak_flops_per_device(t_cfg.peak_tflops) * jax.device_count()
     writer = MetricsWriter(run_dir / "metrics.jsonl") if proc == 0 else None
+    board = TensorBoardWriter(run_dir, to_yaml(config)) if proc == 0 else None
     result = TrainResult(state=state, config=config)
     tokens_per_step = t_cfg.batch_size * t_cfg.seq_len
 
@@ -315,10 +318,13 @@ def train(
     end = t_cfg.steps if stop_at is None else min(stop_at, t_cfg.steps)
     guard = PreemptionGuard(enabled=n_proc == 1)  # multi-host: JAX's preemption service
     checked = (start, data_iter.get_state())  # stop: the last step seen finite, its position
+    profiler = StepProfiler(run_dir, list(t_cfg.profile_steps), start + 1, end)
     with guard:
         for step in range(start + 1, end + 1):
             local = faults.maybe_poison(step, next(data_iter), config.model.vocab_size)
+            profiler.before(step)
             state, metrics = train_fn(state, _global_batch(local, data_shardings))
+            profiler.after(step, state)
             bar.update(1)
             is_last = step == end
             preempted = guard.requested or checkpointer.manager.reached_preemption(step)
@@ -330,6 +336,8 @@ def train(
                 if t_cfg.nonfinite == "stop" and metrics["nonfinite_steps"] > 0:
                     if writer:
                         writer.close()
+                        board.close()
+                    profiler.close()
                     _stop_on_nonfinite(checkpointer, state, data_iter, checked)
                 if t_cfg.nonfinite == "stop":
                     checked = (step, data_iter.get_state())
@@ -345,18 +353,22 @@ def train(
                 result.history.append(record)
                 if writer:
                     writer.write(record)
+                    board.scalars(record)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tok_s:,.0f}")
                 last_time, last_step = time.perf_counter(), step
             checkpointer.save(step, state, data_iter, force=is_last or preempted)
             faults.maybe_kill_during_save(step)
             checkpointer.poll()
             if preempted:
+                profiler.close()
                 if writer:
                     writer.close()
+                    board.close()
                 bar.close()
                 checkpointer.close()
                 raise Preempted(step, str(checkpointer.step_dir(step)))
     bar.close()
+    profiler.close()
     if writer:
         writer.close()
     checkpointer.close()
@@ -365,4 +377,7 @@ def train(
     decoder = FAMILIES[config.model.family].kind == "decoder"  # continues text
     if t_cfg.sample_tokens and decoder and proc == 0 and end == t_cfg.steps:
         result.sample = sample_text(config, eval_model, jax.device_get(state.params), tokenizer)
+        board.text("sample", result.sample, end)
+    if board:
+        board.close()
     return result
