@@ -42,11 +42,21 @@ def load_pretrained(
     if not directory.is_dir():
         raise JaxlmError(f"model path {directory} is not a directory")
     if (directory / CONFIG_FILE).is_file():
-        return load_model_dir(directory, mesh, overrides)
-    if (directory / "config.json").is_file():
+        loaded = load_model_dir(directory, mesh, overrides)
+    elif (directory / "config.json").is_file():
         from jaxlm.hf import load_hf_pretrained  # converted on the fly
 
-        return load_hf_pretrained(directory, mesh=mesh)
-    raise JaxlmError(
-        f"{directory}: not a run, model or Hugging Face directory (no {CONFIG_FILE} or config.json)"
-    )
+        loaded = load_hf_pretrained(directory, mesh=mesh)
+    else:
+        raise JaxlmError(
+            f"{directory}: not a run, model or Hugging Face directory "
+            f"(no {CONFIG_FILE} or config.json)"
+        )
+    # Ids past the embedding table read as NaN or garbage, never as an error.
+    pieces, vocab = loaded.tokenizer.get_piece_size(), loaded.config.model.vocab_size
+    if pieces > vocab:
+        raise JaxlmError(
+            f"{directory}: the tokenizer has {pieces} pieces, more than the model's "
+            f"vocabulary of {vocab} (model.vocab_size)"
+        )
+    return loaded

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy: safetensors' numpy reader needs it)
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from jaxlm.errors import JaxlmError
@@ -48,7 +48,10 @@ class TensorReader:
             path = directory / file
             if not path.is_file():
                 raise JaxlmError(f"{path}: listed in {INDEX_FILE} but missing")
-            handle = safe_open(str(path), framework="numpy")
+            try:
+                handle = safe_open(str(path), framework="numpy")
+            except SafetensorError as err:  # truncated or not a safetensors file at all
+                raise JaxlmError(f"{path}: not a readable safetensors file ({err})") from None
             self._handles[file] = handle
             for stored in handle.keys():  # noqa: SIM118 (a safe_open handle)
                 self._where[rename(stored)] = (file, stored)
