@@ -209,6 +209,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plot(args: argparse.Namespace) -> int:
+    from jaxlm.observe.plot import plot_runs
+
+    if args.config:
+        raise JaxlmError(f"plot takes no overrides: {' '.join(args.config)}")
+    plot_runs(args.runs, args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxlm", description="Train language models with JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -277,6 +287,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", help="end a text after this string (repeatable)")
     gen.add_argument("--json", action="store_true", help="one JSON object per prompt")
     gen.set_defaults(func=cmd_generate, config=[])
+
+    plot = sub.add_parser("plot", help="loss, eval loss, learning rate and tokens/s of runs")
+    plot.add_argument("runs", nargs="+", help="run directories (their metrics.jsonl)")
+    plot.add_argument("--out", default="runs.png", help="PNG file to write")
+    plot.set_defaults(func=cmd_plot, config=[])
 
     convert = sub.add_parser("convert", help="Hugging Face checkpoints in and out")
     conv_sub = convert.add_subparsers(dest="direction", required=True)

@@ -80,3 +80,30 @@ def test_profile_window_writes_a_trace(runs):
     traces = list((run_dir / "profile").rglob("*.xplane.pb"))
     assert len(traces) == 1 and traces[0].stat().st_size > 0
     assert not (other_dir / "profile").exists()
+
+
+def test_plot_overlays_both_runs(runs, tmp_path):
+    from jaxlm.cli import main
+    from jaxlm.observe.plot import plot_runs
+
+    dirs = [str(run_dir) for _, run_dir in runs]
+    out = tmp_path / "runs.png"
+    fig = plot_runs(dirs, out)
+    header = out.read_bytes()[:24]
+    assert header[:8] == b"\x89PNG\r\n\x1a\n"
+    assert struct.unpack(">II", header[16:24]) == (1000, 700)  # 10 x 7 inches at 100 dpi
+    panels = {ax.get_title(): ax for ax in fig.axes}
+    for title, key in [
+        ("train loss", "loss"),
+        ("eval loss", "eval_loss"),
+        ("learning rate", "lr"),
+        ("tokens/s", "tokens_per_sec"),
+    ]:
+        lines = panels[title].get_lines()
+        assert len(lines) == 2, title
+        for line, run_dir in zip(lines, dirs, strict=True):
+            records = [r for r in read_metrics(f"{run_dir}/metrics.jsonl") if key in r]
+            assert list(line.get_xdata()) == [r["step"] for r in records]
+            assert list(line.get_ydata()) == [r[key] for r in records]
+            assert line.get_label() == run_dir.rstrip("/").split("/")[-1]
+    assert main(["plot", str(tmp_path)]) == 2  # no metrics.jsonl there
