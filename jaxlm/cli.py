@@ -219,6 +219,33 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_text(args: argparse.Namespace) -> str:
+    from pathlib import Path
+
+    if args.file:
+        path = Path(args.file)
+        if not path.is_file():
+            raise JaxlmError(f"--file {path}: no such file")
+        return path.read_text(encoding="utf-8")
+    if args.text is None:
+        raise JaxlmError(f"{args.command} needs --text TEXT or --file FILE")
+    return args.text
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    import json
+
+    from jaxlm.observe.score import format_scores, score
+    from jaxlm.pretrained import load_pretrained
+
+    text = _read_text(args)
+    if args.top_k < 1:
+        raise JaxlmError(f"--top-k {args.top_k}: must be positive")
+    result = score(load_pretrained(args.model, overrides=args.config), text, args.top_k)
+    print(json.dumps(result, ensure_ascii=False) if args.json else format_scores(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxlm", description="Train language models with JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -292,6 +319,14 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("runs", nargs="+", help="run directories (their metrics.jsonl)")
     plot.add_argument("--out", default="runs.png", help="PNG file to write")
     plot.set_defaults(func=cmd_plot, config=[])
+
+    sc = sub.add_parser("score", help="per-token log-probabilities, or BERT's mask guesses")
+    sc.add_argument("model", help="run, model or Hugging Face directory")
+    sc.add_argument("--text", help="the text to score")
+    sc.add_argument("--file", help="a text file to score")
+    sc.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    sc.add_argument("--top-k", type=int, default=5, help="BERT: guesses per mask")
+    sc.set_defaults(func=cmd_score, config=[])
 
     convert = sub.add_parser("convert", help="Hugging Face checkpoints in and out")
     conv_sub = convert.add_subparsers(dest="direction", required=True)

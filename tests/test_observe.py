@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import struct
 
+import jax
+import numpy as np
 import pytest
 
 from jaxlm.config import load_config
+from jaxlm.errors import JaxlmError
 from jaxlm.train.loop import train
 from jaxlm.train.metrics import read_metrics
 
-from .conftest import TINY
+from .conftest import CORPUS, REPO, TINY
 
 
 def _run(tmp_path_factory, name: str, extra: list[str]):
@@ -107,3 +111,78 @@ def test_plot_overlays_both_runs(runs, tmp_path):
             assert list(line.get_ydata()) == [r[key] for r in records]
             assert line.get_label() == run_dir.rstrip("/").split("/")[-1]
     assert main(["plot", str(tmp_path)]) == 2  # no metrics.jsonl there
+
+
+def _log_softmax(logits):
+    x = np.asarray(logits, np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def test_score_decoder_tokens(runs, capsys):
+    from jaxlm.cli import main
+    from jaxlm.observe.score import score
+    from jaxlm.pretrained import load_pretrained
+
+    (_, run_dir), _ = runs
+    pretrained = load_pretrained(run_dir)
+    text = "ROMEO: But soft, what light"
+    result = score(pretrained, text)
+    ids = [pretrained.tokenizer.bos_id(), *pretrained.tokenizer.encode(text)]
+    logits = pretrained.model.apply({"params": pretrained.params}, np.asarray([ids]))[0]
+    expected = _log_softmax(logits)[np.arange(len(ids) - 1), ids[1:]]
+    got = [t["logprob"] for t in result["tokens"]]
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    full = _log_softmax(logits)
+    ranks = [1 + sum(full[i] > full[i, t]) for i, t in enumerate(ids[1:])]
+    assert [t["rank"] for t in result["tokens"]] == ranks
+    assert [t["id"] for t in result["tokens"]] == ids[1:]
+    assert result["perplexity"] == pytest.approx(np.exp(-expected.mean()), rel=1e-4)
+    assert main(["score", str(run_dir), "--text", text, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["tokens"][0]["id"] == ids[1]
+    assert main(["score", str(run_dir / "metrics.jsonl"), "--text", text]) == 2
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory):
+    """A randomly initialised tiny BERT saved as a model directory, with a tokenizer
+    that has the <mask> piece."""
+    from jaxlm.data.tokenizer import cached_tokenizer
+    from jaxlm.models import build_model
+    from jaxlm.pretrained import save_pretrained
+
+    directory = tmp_path_factory.mktemp("bert")
+    lines = CORPUS.read_text().splitlines()[:3000]
+    docs = ["\n".join(lines[i : i + 20]) for i in range(0, len(lines), 20)]
+    cached_tokenizer(docs, directory / "tokenizer.model", 384, "bpe", ("<mask>",))
+    config = load_config(
+        REPO / "configs" / "bert-tiny.yaml",
+        ["model.vocab_size=384", "model.n_layers=1", "model.d_ff=64"],
+    )
+    model = build_model(config.model)
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), np.zeros((1, 8), np.int32))["params"]
+    save_pretrained(directory, config, params)
+    return directory
+
+
+def test_score_bert_masks(bert_dir):
+    from jaxlm.observe.score import score
+    from jaxlm.pretrained import load_pretrained
+
+    pretrained = load_pretrained(bert_dir)
+    tok = pretrained.tokenizer
+    result = score(pretrained, "the king <mask> to the <mask>", top_k=3)
+    mask = tok.piece_to_id("<mask>")
+    ids = [tok.bos_id(), *tok.encode("the king"), mask, *tok.encode(" to the"), mask]
+    ids.append(tok.eos_id())
+    logits = pretrained.model.apply({"params": pretrained.params}, np.asarray([ids]))[0][0]
+    probs = np.exp(_log_softmax(logits))
+    positions = [i for i, t in enumerate(ids) if t == mask]
+    assert [m["position"] for m in result["masks"]] == positions
+    for m in result["masks"]:
+        row = probs[m["position"]]
+        top = sorted(range(len(row)), key=lambda t: -row[t])[:3]
+        assert [p["id"] for p in m["predictions"]] == top
+        np.testing.assert_allclose([p["prob"] for p in m["predictions"]], row[top], rtol=1e-4)
+    with pytest.raises(JaxlmError, match="no <mask>"):
+        score(pretrained, "no mask here")
