@@ -246,6 +246,19 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_attention(args: argparse.Namespace) -> int:
+    from jaxlm.observe.attention_maps import attention_maps, draw_map, pick
+    from jaxlm.pretrained import load_pretrained
+
+    text = _read_text(args)
+    tokens, maps = attention_maps(load_pretrained(args.model, overrides=args.config), text)
+    probs = pick(maps, args.group, args.layer, args.head)
+    group = args.group or next(iter(maps))
+    draw_map(probs, tokens, f"{group} layer {args.layer} head {args.head}", args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxlm", description="Train language models with JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -327,6 +340,16 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--json", action="store_true", help="print JSON instead of a table")
     sc.add_argument("--top-k", type=int, default=5, help="BERT: guesses per mask")
     sc.set_defaults(func=cmd_score, config=[])
+
+    att = sub.add_parser("attention", help="draw one layer's and head's attention map")
+    att.add_argument("model", help="run, model or Hugging Face directory")
+    att.add_argument("--text", help="the text to attend over")
+    att.add_argument("--file", help="a text file instead")
+    att.add_argument("--layer", type=int, default=0)
+    att.add_argument("--head", type=int, default=0)
+    att.add_argument("--group", help="t5: encoder/self_attn, decoder/self_attn, ...cross_attn")
+    att.add_argument("--out", default="attention.png", help="PNG file to write")
+    att.set_defaults(func=cmd_attention, config=[])
 
     convert = sub.add_parser("convert", help="Hugging Face checkpoints in and out")
     conv_sub = convert.add_subparsers(dest="direction", required=True)

@@ -95,6 +95,25 @@ def cache_mask(
     return ok[:, None]
 
 
+def attention_probs(
+    q_BTNH: jax.Array, k_BSKH: jax.Array, mask: jax.Array, scale: float | None = None
+) -> jax.Array:
+    """The reference's attention probabilities, fp32 (B, K, G, T, S): query head
+    k * G + g over the keys; see `einsum_attention` for the arguments."""
+    b, t, n_heads, head_dim = q_BTNH.shape
+    k_heads = k_BSKH.shape[2]
+    group = n_heads // k_heads
+    q_BTKGH = q_BTNH.reshape(b, t, k_heads, group, head_dim)
+    scale = head_dim**-0.5 if scale is None else scale
+    scores = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH).astype(jnp.float32) * scale
+    if mask.shape[1] == 1:  # one mask for every head
+        mask = mask[:, :, None]
+    else:  # per head: (B, N, T, S) -> (B, K, G, T, S)
+        mask = mask.reshape(mask.shape[0], k_heads, group, *mask.shape[2:])
+    scores = jnp.where(mask, scores, NEG_INF) if mask.dtype == jnp.bool_ else scores + mask
+    return jax.nn.softmax(scores, axis=-1)
+
+
 def einsum_attention(
     q_BTNH: jax.Array,
     k_BSKH: jax.Array,
@@ -109,17 +128,7 @@ def einsum_attention(
     kv head n // (N // K). `scale` None is 1/sqrt(head_dim); T5 passes 1.0.
     """
     b, t, n_heads, head_dim = q_BTNH.shape
-    k_heads = k_BSKH.shape[2]
-    group = n_heads // k_heads
-    q_BTKGH = q_BTNH.reshape(b, t, k_heads, group, head_dim)
-    scale = head_dim**-0.5 if scale is None else scale
-    scores = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH).astype(jnp.float32) * scale
-    if mask.shape[1] == 1:  # one mask for every head
-        mask = mask[:, :, None]
-    else:  # per head: (B, N, T, S) -> (B, K, G, T, S)
-        mask = mask.reshape(mask.shape[0], k_heads, group, *mask.shape[2:])
-    scores = jnp.where(mask, scores, NEG_INF) if mask.dtype == jnp.bool_ else scores + mask
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_BSKH.dtype)
+    probs = attention_probs(q_BTNH, k_BSKH, mask, scale).astype(v_BSKH.dtype)
     return jnp.einsum("bkgts,bskh->btkgh", probs, v_BSKH).reshape(b, t, n_heads, head_dim)
 
 
@@ -239,6 +248,8 @@ class SelfAttention(nn.Module):
     ) -> jax.Array:
         if segment_ids_BL is None:
             segment_ids_BL = jnp.ones(q_BLNH.shape[:2], jnp.int32)
+        if self.is_mutable_collection("intermediates"):  # maps asked for: not the default path
+            self._sow_maps(q_BLNH, k_BLKH, mask, segment_ids_BL)
         if self.attention == "flash":
             return flash_attention(q_BLNH, k_BLKH, v_BLKH, segment_ids_BL)
         if self.attention == "splash":
@@ -246,6 +257,16 @@ class SelfAttention(nn.Module):
         if self.attention == "dot_product":
             return jax_dot_product_attention(q_BLNH, k_BLKH, v_BLKH, mask, self.scale)
         return einsum_attention(q_BLNH, k_BLKH, v_BLKH, mask, self.scale)
+
+    def _sow_maps(self, q_BLNH, k_BLKH, mask, segment_ids_BL) -> None:
+        """Sow the attention probabilities (B, N, T, S) as `intermediates/attention`,
+        computed by the reference from the same q, k and mask whichever implementation
+        runs; the kernels' mask (causal, by segment and window) is built here."""
+        if mask is None:
+            mask = attention_mask(segment_ids_BL, causal=True, window=self.sliding_window)
+        probs = attention_probs(q_BLNH, k_BLKH, mask, self.scale)
+        b, t, n = q_BLNH.shape[:3]
+        self.sow("intermediates", "attention", probs.reshape(b, n, t, k_BLKH.shape[1]))
 
     def _decode(
         self,

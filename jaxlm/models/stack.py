@@ -27,7 +27,8 @@ def stack_layers(
     if c.scan_layers:
         stack = nn.scan(
             block,
-            variable_axes={"params": 0, "cache": 0},  # "cache": decoding's KV cache
+            # "cache": decoding's KV cache; "intermediates": attention maps on request
+            variable_axes={"params": 0, "cache": 0, "intermediates": 0},
             split_rngs={"params": True, "dropout": True},
             in_axes=(nn.broadcast,) * len(args),
             length=c.n_layers,
