@@ -23,6 +23,7 @@ class ModelInfo:
     model: ModelConfig  # resolved, with the vocab size the trainer would use
     n_params: int
     groups: dict[str, int]  # parameters per top-level module (blocks summed as "layers")
+    components: dict[str, int]  # parameters per kind: embeddings, attention, mlp, norms, heads
     seq_len: int
     flops_per_token: float
 
@@ -42,16 +43,34 @@ def _vocab_size(config: Config) -> int:
     return config.tokenizer.vocab_size
 
 
+def component(module_path: tuple[str, ...]) -> str:
+    """What kind of part a parameter's modules (outermost first) make it, by the names
+    every family uses: ln_* norms, *attn (and T5's relpos bias), mlp, *embed; the rest
+    (LM head, pooler, MLM and NSP heads) are heads."""
+    if any(part.startswith("ln") for part in module_path):
+        return "norms"
+    if any("attn" in part or part == "relpos" for part in module_path):
+        return "attention"
+    if "mlp" in module_path:
+        return "mlp"
+    if any(part.endswith("embed") for part in module_path):
+        return "embeddings"
+    return "heads"
+
+
 def model_info(config: Config) -> ModelInfo:
     model = dataclasses.replace(config.model.resolved(), vocab_size=_vocab_size(config))
     groups: dict[str, int] = {}
-    for name, subtree in param_shapes(model).items():
-        group = "layers" if name.startswith("layers") else name
-        size = sum(int(x.size) for x in jax.tree_util.tree_leaves(subtree))
-        groups[group] = groups.get(group, 0) + size
+    components = dict.fromkeys(("embeddings", "attention", "mlp", "norms", "heads"), 0)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(param_shapes(model))[0]:
+        names = tuple(str(getattr(k, "key", k)) for k in path)
+        group = "layers" if names[0].startswith("layers") else names[0]
+        groups[group] = groups.get(group, 0) + int(leaf.size)
+        components[component(names[:-1])] += int(leaf.size)
     n_params = sum(groups.values())
     seq_len = config.train.seq_len
-    return ModelInfo(model, n_params, groups, seq_len, flops_per_token(model, n_params, seq_len))
+    flops = flops_per_token(model, n_params, seq_len)
+    return ModelInfo(model, n_params, groups, components, seq_len, flops)
 
 
 def _human(n: float) -> str:
@@ -88,13 +107,17 @@ def describe(m: ModelConfig) -> str:
 
 
 def format_info(name: str, info: ModelInfo) -> str:
-    bytes_per_param = jnp.dtype(info.model.param_dtype).itemsize
+    """What `jaxlm info` prints. AdamW keeps two moments per parameter in the
+    parameters' dtype, so its state is twice the parameters' bytes."""
+    param_gib = info.n_params * jnp.dtype(info.model.param_dtype).itemsize / 2**30
     lines = [
         f"{name}: {describe(info.model)}",
         f"parameters:      {info.n_params:>17,}  ({_human(info.n_params)})",
         *(f"  {group + ':':<15}{n:>17,}" for group, n in info.groups.items()),
-        f"parameter bytes: {info.n_params * bytes_per_param / 2**30:>17.2f} GiB "
-        f"({info.model.param_dtype})",
+        "by kind:",
+        *(f"  {kind + ':':<15}{n:>17,}" for kind, n in info.components.items() if n),
+        f"parameter bytes: {param_gib:>17.2f} GiB ({info.model.param_dtype})",
+        f"AdamW state:     {2 * param_gib:>17.2f} GiB (two moments, {info.model.param_dtype})",
         f"training FLOPs per token: {info.flops_per_token:,.0f} ({_human(info.flops_per_token)}) "
         f"at seq_len {info.seq_len}",
         "  = 6 N + 12 L d_attn T, N without lookup-only tables (PaLM, App. B)",

@@ -96,3 +96,20 @@ def test_llama_tiny_preset_learns(tmp_path):
     assert math.log(result.config.model.vocab_size) > 6.9  # an untrained model's loss
     assert final["step"] == 120 and final["eval_loss"] < 5.0, final  # 4.83 on 2 CPU cores
     assert result.history[0]["loss"] > final["loss"] + 0.5
+
+
+def test_jaxlm_info_counts_each_kind_of_part_and_the_state_memory(capsys):
+    """GPT-2 small's parts by the formulas of its shapes: d 768, 12 layers, vocab 50257
+    (tied head, so no head parameters), 1024 positions."""
+    d, layers, vocab, positions = 768, 12, 50257, 1024
+    attention = layers * (4 * d * d + 4 * d)
+    mlp = layers * (2 * 4 * d * d + 4 * d + d)
+    norms = (2 * layers + 1) * 2 * d
+    embeddings = vocab * d + positions * d
+    assert main(["info", str(CONFIGS / "gpt2-small.yaml")]) == 0
+    out = capsys.readouterr().out
+    for kind, n in [("attention", attention), ("mlp", mlp), ("norms", norms)]:
+        assert f"  {kind + ':':<15}{n:>17,}" in out
+    assert f"  {'embeddings:':<15}{embeddings:>17,}" in out
+    assert attention + mlp + norms + embeddings == 124_439_808
+    assert "AdamW state:                  0.93 GiB (two moments, float32)" in out
