@@ -170,9 +170,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+GENERATE_BATCH = 8  # prompts per generation call of `jaxlm generate`
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
+
+    from tqdm import tqdm
 
     from jaxlm.pipeline import pipeline
 
@@ -190,22 +195,29 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not greedy and not 0 < args.top_p <= 1:
         raise JaxlmError(f"--top-p {args.top_p}: must be in (0, 1]")
     generator = pipeline(None, args.model, overrides=args.config)  # the task by the model
-    outputs = generator(
-        prompts,
-        max_new_tokens=args.max_new_tokens,
-        do_sample=not greedy,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        seed=args.seed,
-        stop_strings=args.stop or (),
-    )
-    for i, (prompt, rows) in enumerate(zip(prompts, outputs, strict=True)):
-        text = rows[0]["generated_text"]
-        if args.json:
-            print(json.dumps({"prompt": prompt, "generated_text": text}, ensure_ascii=False))
-        else:
-            print(("\n---\n" if i else "") + text)
+    # Batches of GENERATE_BATCH prompts, each printed as it is done; the bar shows on a
+    # terminal only (disable=None), so a prompt file's progress is visible there.
+    starts = range(0, len(prompts), GENERATE_BATCH)
+    for start in tqdm(starts, "generating", disable=None if len(starts) > 1 else True):
+        batch = prompts[start : start + GENERATE_BATCH]
+        outputs = generator(
+            batch,
+            max_new_tokens=args.max_new_tokens,
+            do_sample=not greedy,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
+            stop_strings=args.stop or (),
+        )
+        for i, (prompt, rows) in enumerate(zip(batch, outputs, strict=True), start):
+            text = rows[0]["generated_text"]
+            record = {"prompt": prompt, "generated_text": text}
+            tqdm.write(
+                json.dumps(record, ensure_ascii=False)
+                if args.json
+                else ("\n---\n" if i else "") + text
+            )
     return 0
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from tqdm import tqdm
+
 from jaxlm import sharding as shd
 from jaxlm.generation import generate_ids
 from jaxlm.model_config import FAMILIES
@@ -28,7 +30,9 @@ def generate_texts(
     budget = config.train.seq_len - 1  # the source length the model was trained on
     eos, bos = tokenizer.eos_id(), tokenizer.bos_id()
     outputs: list[str] = []
-    for start in range(0, len(sources), batch_size):
+    starts = range(0, len(sources), batch_size)
+    # disable=None: a bar on a terminal, nothing in logs
+    for start in tqdm(starts, "generating", disable=None, leave=False):
         chunk = sources[start : start + batch_size]
         if encdec:
             prompts = [[*tokenizer.encode(s)[:budget], eos] for s in chunk]

@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import numpy as np
 from flax import linen as nn
+from tqdm import tqdm
 
 from jaxlm import sharding as shd
 from jaxlm.data.pipeline import make_dataset
@@ -91,7 +92,10 @@ def evaluate_model(
     n_batches = 0
     truncated = False
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        for batch in _batches(iter(rows), batch_size, pad_last=objective.per_token):
+        batches = _batches(iter(rows), batch_size, pad_last=objective.per_token)
+        total = -(-len(rows) // batch_size) if hasattr(rows, "__len__") else None
+        # disable=None: a bar on a terminal, nothing in logs
+        for batch in tqdm(batches, "scoring", total=total, disable=None, leave=False):
             if max_batches and n_batches == max_batches:
                 truncated = True
                 break

@@ -18,6 +18,7 @@ from typing import Any
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
+from tqdm import tqdm
 
 from jaxlm.errors import JaxlmError
 from jaxlm.hf.safetensors_io import TensorReader
@@ -152,7 +153,8 @@ def load_params(
     for link, path, index in _placements(links, n_layers, scanned):
         by_path.setdefault(path, []).append((link, index))
     out: dict[str, jax.Array] = {}
-    for path, uses in by_path.items():
+    # disable=None: a bar on a terminal, nothing in logs
+    for path, uses in tqdm(by_path.items(), "reading tensors", disable=None, leave=False):
         target = params[path]
         host = np.empty(target.shape, target.dtype)
         for link, index in uses:
@@ -184,7 +186,7 @@ def hf_tensors(
     kinds: dict[str, list[Link]] = {}
     for link in links:
         kinds.setdefault(link.hf, []).append(link)
-    for template, group in kinds.items():
+    for template, group in tqdm(kinds.items(), "writing tensors", disable=None, leave=False):
         group = sorted(group, key=lambda link: link.part)
         layers = range(n_layers) if group[0].per_layer else [None]
         cache: dict[str, np.ndarray] = {}
