@@ -119,3 +119,23 @@ def test_uncommitted_steps_on_gs_are_incomplete(gcs):
     (checkpoints / "5" / integrity.COMMIT_FILE).write_text("done")
     assert [p.name for p in integrity.incomplete_steps(checkpoints)] == ["10"]
     assert integrity.uncommitted_dir(checkpoints, 10) == checkpoints / "10"
+
+
+def test_tensorboard_events_reach_gs(gcs):
+    """tensorboardX writes locally; the events are copied to the gs:// run directory
+    (periodically, with what tensorboardX has written by then, and whole on close) and
+    read back from there hold what was written."""
+    from jaxlm.observe.tensorboard import TensorBoardWriter
+
+    from .test_observe import _events
+
+    writer = TensorBoardWriter(gcs / "run", "name: remote\n", remote_every=3600)
+    writer.scalars({"step": 1, "loss": 2.5, "eval_loss": 3.0})
+    writer.flush()
+    assert (gcs / "run" / "tensorboard").is_dir()
+    writer.scalars({"step": 2, "loss": 1.5})
+    writer.close()
+    events = _events(gcs / "run" / "tensorboard")
+    scalars = [e for e in events if not isinstance(e[2], str)]
+    assert scalars == [("train/loss", 1, 2.5), ("eval/loss", 1, 3.0), ("train/loss", 2, 1.5)]
+    assert any(tag.startswith("config") and "name: remote" in v for tag, _, v in events)

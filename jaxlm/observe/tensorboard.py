@@ -50,6 +50,8 @@ class TensorBoardWriter:
         self.writer.add_text(tag, _code(text), step)
 
     def flush(self) -> None:
+        """Copy the events to a remote run directory: what tensorboardX's writer thread
+        has written by now (it writes within `flush_secs`); `close` copies everything."""
         self.writer.flush()
         upload(self.local, self.target)
         self._last_upload = time.monotonic()
