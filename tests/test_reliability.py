@@ -50,6 +50,26 @@ def jaxlm_train(run_dir: Path, *overrides: str, **env: str) -> subprocess.Comple
     )
 
 
+def start_and_wait_for_logs(run_dir: Path, lines: int) -> subprocess.Popen:
+    """A 120-step run without periodic checkpoints, returned once it has logged `lines`
+    metrics records (or ended), for a signal to interrupt."""
+    proc = subprocess.Popen(
+        command(run_dir, "train.steps=120", "checkpoint.every=1000"),
+        cwd=REPO,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    metrics = run_dir / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= lines:
+            break
+        time.sleep(0.05)
+    return proc
+
+
 def losses(run_dir: Path) -> dict[int, float]:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return {r["step"]: r["loss"] for r in map(json.loads, lines)}
@@ -74,20 +94,7 @@ def reference(tmp_path_factory):
 
 def test_sigterm_saves_and_resumes_exactly(reference, tmp_path):
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen(
-        command(run_dir, "train.steps=120", "checkpoint.every=1000"),
-        cwd=REPO,
-        env=ENV,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    metrics = run_dir / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 5:
-            break
-        time.sleep(0.05)
+    proc = start_and_wait_for_logs(run_dir, 5)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == PREEMPTED_EXIT_CODE, stderr
@@ -245,20 +252,7 @@ def test_second_ctrl_c_aborts_at_once(tmp_path):
     """The first SIGINT asks for a checkpoint; a second one, before it is written,
     aborts without one."""
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen(
-        command(run_dir, "train.steps=120", "checkpoint.every=1000"),
-        cwd=REPO,
-        env=ENV,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    metrics = run_dir / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 2:
-            break
-        time.sleep(0.05)
+    proc = start_and_wait_for_logs(run_dir, 2)
     proc.send_signal(signal.SIGINT)
     # Two signals sent at once arrive as one: wait until the first is handled.
     for line in proc.stdout:

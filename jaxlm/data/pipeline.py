@@ -23,8 +23,8 @@ from jaxlm.errors import JaxlmError
 Batch = dict[str, np.ndarray]
 
 # Tokenizing threads and read-ahead. grain's default (16 threads, 500 documents ahead)
-# spends its time polling the read-ahead buffer: on 2 cores this delivers 5-6x the
-# tokens/s (benchmarks/README.md). Order and content don't depend on it.
+# spends its time polling the read-ahead buffer on small hosts; this is several times
+# faster there (figures in benchmarks/README.md). Order and content don't depend on it.
 READ_OPTIONS = grain.ReadOptions(num_threads=min(os.cpu_count() or 1, 16), prefetch_buffer_size=64)
 
 
