@@ -69,6 +69,7 @@ class TrainConfig:
     sample_prompt: str = ""
     nonfinite: str = "skip"  # a NaN/inf loss or gradient: skip the update, or stop
     profile_steps: list[int] = field(default_factory=list)  # [START, END]: jax.profiler trace
+    tensorboard: bool = True  # RUN_DIR/tensorboard/ event files beside metrics.jsonl
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,13 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAXLM_CACHE_DIR", tempfile.mkdtemp(prefix="jaxlm-test-cache-"))
+# One XLA compilation cache for the session, inherited by every `jaxlm` subprocess: the
+# suite compiles the same tiny train step in dozens of processes, and a cache hit skips
+# XLA's compile (tracing and lowering still run, so the programs are still built by jaxlm).
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR", os.path.join(os.environ["JAXLM_CACHE_DIR"], "xla")
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 # Tests run on emulated CPU devices; with libtpu installed (the test extra has it for
 # `jaxlm compile`) JAX would otherwise probe for a TPU in every process.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -37,6 +44,7 @@ TINY = [
     "optim.lr=3e-3",
     "optim.warmup_steps=5",
     "checkpoint.every=5",
+    "train.tensorboard=false",  # tests/test_observe.py turns it on
 ]
 
 

@@ -18,7 +18,9 @@ from .conftest import CORPUS, REPO, TINY
 
 
 def _run(tmp_path_factory, name: str, extra: list[str]):
-    config = load_config(None, [*TINY, f"name={name}", "train.steps=4", *extra])
+    config = load_config(
+        None, [*TINY, f"name={name}", "train.steps=4", "train.tensorboard=true", *extra]
+    )
     run_dir = tmp_path_factory.mktemp(name)
     return train(config, run_dir, progress=False), run_dir
 

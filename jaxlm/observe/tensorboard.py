@@ -13,7 +13,6 @@ import time
 from typing import Any
 
 from etils import epath
-from tensorboardX import SummaryWriter
 
 from jaxlm.observe.staging import local_dir, upload
 from jaxlm.paths import is_remote
@@ -34,6 +33,10 @@ class TensorBoardWriter:
         self.local = local_dir(self.target)
         self.remote_every = remote_every
         self._last_upload = -math.inf
+        # Imported here: tensorboardX imports torch whenever torch is installed, seconds
+        # that a run with `train.tensorboard=false` should not pay.
+        from tensorboardX import SummaryWriter
+
         self.writer = SummaryWriter(self.local, flush_secs=10)
         # Markdown: indented lines keep the YAML's layout.
         self.writer.add_text("config", _code(config_yaml), 0)

@@ -302,7 +302,7 @@ def train(
     fpt = flops_per_token(config.model, n_params, t_cfg.seq_len)
     peak = peak_flops_per_device(t_cfg.peak_tflops) * jax.device_count()
     writer = MetricsWriter(run_dir / "metrics.jsonl") if proc == 0 else None
-    board = TensorBoardWriter(run_dir, to_yaml(config)) if proc == 0 else None
+    board = TensorBoardWriter(run_dir, to_yaml(config)) if proc == 0 and t_cfg.tensorboard else None
     result = TrainResult(state=state, config=config)
     tokens_per_step = t_cfg.batch_size * t_cfg.seq_len
 
@@ -336,6 +336,7 @@ def train(
                 if t_cfg.nonfinite == "stop" and metrics["nonfinite_steps"] > 0:
                     if writer:
                         writer.close()
+                    if board:
                         board.close()
                     profiler.close()
                     _stop_on_nonfinite(checkpointer, state, data_iter, checked)
@@ -353,6 +354,7 @@ def train(
                 result.history.append(record)
                 if writer:
                     writer.write(record)
+                if board:
                     board.scalars(record)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{tok_s:,.0f}")
                 last_time, last_step = time.perf_counter(), step
@@ -363,6 +365,7 @@ def train(
                 profiler.close()
                 if writer:
                     writer.close()
+                if board:
                     board.close()
                 bar.close()
                 checkpointer.close()
@@ -377,7 +380,8 @@ def train(
     decoder = FAMILIES[config.model.family].kind == "decoder"  # continues text
     if t_cfg.sample_tokens and decoder and proc == 0 and end == t_cfg.steps:
         result.sample = sample_text(config, eval_model, jax.device_get(state.params), tokenizer)
-        board.text("sample", result.sample, end)
+        if board:
+            board.text("sample", result.sample, end)
     if board:
         board.close()
     return result
