@@ -50,11 +50,14 @@ def jaxlm_train(run_dir: Path, *overrides: str, **env: str) -> subprocess.Comple
     )
 
 
+STEPS = 40  # long enough for a signal to land mid-run, and a data epoch boundary
+
+
 def start_and_wait_for_logs(run_dir: Path, lines: int) -> subprocess.Popen:
-    """A 120-step run without periodic checkpoints, returned once it has logged `lines`
+    """A STEPS-step run without periodic checkpoints, returned once it has logged `lines`
     metrics records (or ended), for a signal to interrupt."""
     proc = subprocess.Popen(
-        command(run_dir, "train.steps=120", "checkpoint.every=1000"),
+        command(run_dir, f"train.steps={STEPS}", "checkpoint.every=1000"),
         cwd=REPO,
         env=ENV,
         stdout=subprocess.PIPE,
@@ -85,9 +88,10 @@ def assert_same_params(a: dict, b: dict) -> None:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """An uninterrupted 120-step run that the interrupted ones must reproduce."""
+    """An uninterrupted run, logging every step and saving every 5, that the
+    interrupted ones must reproduce."""
     run_dir = tmp_path_factory.mktemp("reference")
-    out = jaxlm_train(run_dir, "train.steps=120")
+    out = jaxlm_train(run_dir, f"train.steps={STEPS}")
     assert out.returncode == 0, out.stderr
     return run_dir
 
@@ -99,29 +103,29 @@ def test_sigterm_saves_and_resumes_exactly(reference, tmp_path):
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == PREEMPTED_EXIT_CODE, stderr
     step = max(losses(run_dir))
-    assert 5 <= step < 120
+    assert 5 <= step < STEPS
     assert f"preempted at step {step}: checkpoint saved to {run_dir}/checkpoints/{step}" in stderr
     assert (run_dir / "checkpoints" / str(step) / "jaxlm_manifest.json").is_file()
 
-    resumed = jaxlm_train(run_dir, "train.steps=120", "checkpoint.every=1000")
+    resumed = jaxlm_train(run_dir, f"train.steps={STEPS}", "checkpoint.every=1000")
     assert resumed.returncode == 0, resumed.stderr
     assert f"resumed from {run_dir}/checkpoints/{step}" in resumed.stdout
     assert losses(run_dir) == losses(reference)  # every step, bit for bit
-    assert_same_params(saved_state(run_dir, 120), saved_state(reference, 120))
+    assert_same_params(saved_state(run_dir, STEPS), saved_state(reference, STEPS))
 
 
 def test_kill_during_checkpoint_write_is_ignored(reference, tmp_path):
     run_dir = tmp_path / "run"
-    killed = jaxlm_train(run_dir, "train.steps=120", **{KILL_ENV: "10"})
+    killed = jaxlm_train(run_dir, f"train.steps={STEPS}", **{KILL_ENV: "10"})
     assert killed.returncode == -signal.SIGKILL
     partial = [p.name for p in (run_dir / "checkpoints").iterdir() if "tmp" in p.name]
     assert partial and partial[0].startswith("10.")  # the save that never finished
 
-    resumed = jaxlm_train(run_dir, "train.steps=120")
+    resumed = jaxlm_train(run_dir, f"train.steps={STEPS}")
     assert resumed.returncode == 0, resumed.stderr
     assert f"skipping incomplete checkpoint {partial[0]}" in resumed.stdout
     assert f"resumed from {run_dir}/checkpoints/5" in resumed.stdout
-    assert_same_params(saved_state(run_dir, 120), saved_state(reference, 120))
+    assert_same_params(saved_state(run_dir, STEPS), saved_state(reference, STEPS))
 
 
 @pytest.fixture(scope="module")
@@ -178,6 +182,8 @@ def test_corrupt_checkpoint_is_named_and_fallback_resumes(two_checkpoints, damag
     assert out.returncode == 2
     assert f"checkpoint step 10 is corrupt: {victim}: {problem}" in out.stderr
     assert "set checkpoint.fallback=true" in out.stderr and "Traceback" not in out.stderr
+    if damage != "alter":  # one fallback run: every damage fails the same verification
+        return
 
     out = jaxlm_train(run_dir, "train.steps=12", "checkpoint.fallback=true")
     assert out.returncode == 0, out.stderr
@@ -213,21 +219,12 @@ def test_nonfinite_skip_drops_the_update_and_goes_on(tmp_path):
     assert int(after["step"]) == 3 and int(after["nonfinite"]) == 1
 
 
-@pytest.fixture(scope="module")
-def reference12(tmp_path_factory):
-    """An uninterrupted 12-step run, logging every step."""
-    run_dir = tmp_path_factory.mktemp("reference12")
-    out = jaxlm_train(run_dir, "train.steps=12")
-    assert out.returncode == 0, out.stderr
-    return run_dir
-
-
-def test_nonfinite_stop_saves_last_good_state_and_resumes_exactly(reference12, tmp_path):
+def test_nonfinite_stop_saves_last_good_state_and_resumes_exactly(reference, tmp_path):
     """The bad step 3 is only seen at step 5, two batches later (log_every=5): the
     saved data position must still be the good step's, and the resumed run must not
     stop again on clean batches."""
     run_dir = tmp_path / "run"
-    args = ("train.steps=12", "train.nonfinite=stop", "train.log_every=5")
+    args = (f"train.steps={STEPS}", "train.nonfinite=stop", "train.log_every=5")
     out = jaxlm_train(run_dir, *args, **{POISON_ENV: "3"})
     assert out.returncode == 3
     assert (
@@ -243,9 +240,9 @@ def test_nonfinite_stop_saves_last_good_state_and_resumes_exactly(reference12, t
     resumed = jaxlm_train(run_dir, *args)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resumed from {run_dir}/checkpoints/2" in resumed.stdout
-    want = losses(reference12)
-    assert losses(run_dir) == {s: want[s] for s in (5, 10, 12)}
-    assert_same_params(saved_state(run_dir, 12), saved_state(reference12, 12))
+    want = losses(reference)
+    assert losses(run_dir) == {s: want[s] for s in range(5, STEPS + 1, 5)}
+    assert_same_params(saved_state(run_dir, STEPS), saved_state(reference, STEPS))
 
 
 def test_second_ctrl_c_aborts_at_once(tmp_path):
