@@ -127,6 +127,9 @@ class CompileReport:
     slices: int
     mesh: dict[str, int]
     n_params: int
+    batch_size: int = 0  # rows per step (train.batch_size)
+    seq_len: int = 0
+    grad_accum: int = 1  # microbatches per step (train.grad_accum)
     argument_bytes: int = 0
     output_bytes: int = 0
     alias_bytes: int = 0
@@ -195,7 +198,7 @@ def compile_train_step(
     mesh = shd.make_mesh(config.mesh, devices)
     rules = shd.logical_rules(config.mesh)
     data = shd.batch_sharding(mesh, rules)
-    shd.check_batch(t_cfg.batch_size, data, t_cfg.seq_len)
+    shd.check_batch(t_cfg.batch_size, data, t_cfg.seq_len, t_cfg.grad_accum)
 
     _, abstract, _, _, (step, _) = train_steps(config, mesh, rules)
     objective = for_family(config.model.family)
@@ -209,6 +212,9 @@ def compile_train_step(
         slices=slices,
         mesh=dict(mesh.shape),
         n_params=count_params(abstract.params),
+        batch_size=t_cfg.batch_size,
+        seq_len=t_cfg.seq_len,
+        grad_accum=t_cfg.grad_accum,
         largest=_layouts(abstract, top),
     )
     tokens = t_cfg.batch_size * t_cfg.seq_len
@@ -244,6 +250,16 @@ def _gib(n: float) -> str:
     return f"{n / GIB:.2f} GiB"
 
 
+def _batch_line(r: CompileReport) -> str:
+    line = f"batch: {r.batch_size} rows of {r.seq_len} tokens per step"
+    if r.grad_accum > 1:
+        return (
+            f"{line}, as {r.grad_accum} microbatches of {r.batch_size // r.grad_accum} rows "
+            f"(train.grad_accum={r.grad_accum})"
+        )
+    return f"{line} (train.grad_accum=1)"
+
+
 def format_report(r: CompileReport) -> str:
     """What `jaxlm compile` prints: memory per chip, FLOPs, and where the big arrays live."""
     slices = f"{r.slices} x " if r.slices > 1 else ""
@@ -253,6 +269,7 @@ def format_report(r: CompileReport) -> str:
         f"{r.topology.chips * r.slices} chips, {_gib(r.topology.hbm_bytes)} HBM per chip)",
         f"mesh: {mesh}",
         f"parameters: {r.n_params:,}",
+        _batch_line(r),
         f"kernels: {', '.join(r.kernels) or 'none (XLA only)'}",
     ]
     if r.error:

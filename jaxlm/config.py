@@ -54,6 +54,27 @@ class DataConfig:
     # the processes (0 = one per process). Fixed, it makes the global batch, and the
     # checkpointed data position, the same for any number of hosts.
     streams: int = 0
+    # Supervised fine-tuning (decoders; jaxlm/data/sft.py). JSONL records hold either a
+    # prompt and a completion string, or a list of messages {"role": system | user |
+    # assistant, "content": ...}, under these field names (TRL's and the hub's).
+    # format: auto (sft when the first JSONL record has `messages_field`, or both
+    # `prompt_field` and `completion_field`; else text) | text | sft.
+    format: str = "auto"
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+    messages_field: str = "messages"
+    # The tokens the loss counts (the others stay as context): assistant (every
+    # assistant turn, or the completion, with the end-of-turn token) | last (the last
+    # assistant turn) | all (every token, prompt included).
+    train_on: str = "assistant"
+    # Jinja template rendering messages, as transformers' apply_chat_template: "" = the
+    # tokenizer's (chat_template.jinja or tokenizer_config.json beside its
+    # tokenizer.json), else jaxlm's default (jaxlm/data/chat.py); or a .jinja file, or
+    # the template's text.
+    chat_template: str = ""
+    # An example longer than train.seq_len + 1 tokens is cut on this side: right (drop
+    # its end: transformers' default truncation_side) | left (drop its start).
+    truncation_side: str = "right"
 
 
 @dataclass(frozen=True)
@@ -70,6 +91,13 @@ class TrainConfig:
     nonfinite: str = "skip"  # a NaN/inf loss or gradient: skip the update, or stop
     profile_steps: list[int] = field(default_factory=list)  # [START, END]: jax.profiler trace
     tensorboard: bool = True  # RUN_DIR/tensorboard/ event files beside metrics.jsonl
+    # Evaluate the held-out split before the first step (a step-0 record): the starting
+    # model's eval loss, for fine-tuning (transformers' eval_on_start).
+    eval_on_start: bool = False
+    # Split each step's batch into this many microbatches, run one after another inside
+    # the step with their gradients summed: the same update, with the activations of
+    # batch_size / grad_accum rows live at a time (batch_size must divide evenly).
+    grad_accum: int = 1
 
 
 @dataclass(frozen=True)
@@ -280,6 +308,27 @@ def check_trainable(c: Config) -> None:
     )
 
 
+def _check_sft(c: Config) -> None:
+    """The supervised fine-tuning keys (DataConfig)."""
+    d = c.data
+    _check(d.format in ("auto", "text", "sft"), "data.format", "must be auto, text or sft")
+    _check(
+        d.train_on in ("assistant", "last", "all"),
+        "data.train_on",
+        "must be assistant, last or all",
+    )
+    _check(d.truncation_side in ("right", "left"), "data.truncation_side", "must be right or left")
+    for key in ("prompt_field", "completion_field", "messages_field"):
+        _check(bool(getattr(d, key)), f"data.{key}", "must name a JSONL field")
+    family = FAMILIES[c.model.family]
+    _check(
+        d.format != "sft" or family.data == "packed",
+        "data.format",
+        f"sft trains decoders ({', '.join(n for n, f in FAMILIES.items() if f.data == 'packed')})"
+        f", not {c.model.family}",
+    )
+
+
 def validate(c: Config) -> Config:
     """Range and consistency checks that the dataclass types can't express."""
     c = dataclasses.replace(c, model=validate_model(c.model))
@@ -303,6 +352,7 @@ def validate(c: Config) -> Config:
         "must be paragraph, line or file",
     )
     _check(0.0 < c.data.eval_fraction < 1.0, "data.eval_fraction", "must be in (0, 1)")
+    _check_sft(c)
     for key in (
         "steps",
         "batch_size",
@@ -318,6 +368,12 @@ def validate(c: Config) -> Config:
         f"{t.seq_len} exceeds model.max_len {m.max_len}",
     )
     _check(t.sample_tokens >= 0, "train.sample_tokens", "must be >= 0")
+    _check(t.grad_accum > 0, "train.grad_accum", "must be positive")
+    _check(
+        t.batch_size % t.grad_accum == 0,
+        "train.grad_accum",
+        f"train.batch_size {t.batch_size} does not split into {t.grad_accum} equal microbatches",
+    )
     _check(t.nonfinite in ("skip", "stop"), "train.nonfinite", "must be skip or stop")
     _check(t.peak_tflops >= 0, "train.peak_tflops", "must be >= 0")
     _check(

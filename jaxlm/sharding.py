@@ -127,8 +127,11 @@ def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
     return NamedSharding(mesh, nn.logical_to_mesh_axes(("batch", "length"), rules))
 
 
-def check_batch(batch_size: int, sharding: NamedSharding, seq_len: int | None = None) -> None:
-    """Refuse a global batch (or row length) that its mesh axes don't divide."""
+def check_batch(
+    batch_size: int, sharding: NamedSharding, seq_len: int | None = None, grad_accum: int = 1
+) -> None:
+    """Refuse a global batch (or row length) that its mesh axes don't divide, or whose
+    microbatches (train.grad_accum) they don't."""
     dims = [("train.batch_size", batch_size)]
     if seq_len is not None:
         dims.append(("train.seq_len", seq_len))
@@ -139,6 +142,14 @@ def check_batch(batch_size: int, sharding: NamedSharding, seq_len: int | None = 
                 f"config key '{key}': {size} cannot be split over {parts} "
                 f"devices of mesh axes {axes}"
             )
+    axes = sharding.spec[0] if len(sharding.spec) else None
+    parts = _axes_size(sharding.mesh, axes)
+    if grad_accum > 1 and (batch_size // grad_accum) % parts:
+        raise JaxlmError(
+            f"config key 'train.grad_accum': {grad_accum} microbatches of "
+            f"{batch_size // grad_accum} rows (train.batch_size {batch_size}) cannot each be "
+            f"split over the {parts} devices of mesh axes {axes}"
+        )
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -232,7 +232,7 @@ def train(
     mesh = shd.make_mesh(config.mesh)
     rules = shd.logical_rules(config.mesh)
     data_sharding = shd.batch_sharding(mesh, rules)
-    shd.check_batch(t_cfg.batch_size, data_sharding, t_cfg.seq_len)
+    shd.check_batch(t_cfg.batch_size, data_sharding, t_cfg.seq_len, t_cfg.grad_accum)
     objective = for_family(config.model.family)
     if config.data.target_len and objective.target_keys:
         shd.check_batch(t_cfg.batch_size, data_sharding, config.data.target_len)

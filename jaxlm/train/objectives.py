@@ -6,6 +6,13 @@ scalar the step minimises, the number of real target tokens, and additive statis
 (sums and counts) that eval adds up over batches. `summarize` turns sums, from one
 batch or many, into named metrics; `batch_ranks` names the batch's arrays and their
 ranks, which fix their shardings. Everything in fp32, from the models' fp32 logits.
+
+`counts(batch)` gives the sums that are counts (real tokens, masked tokens, examples)
+from the batch alone, without the model. The loss that `summarize` computes is linear
+in the other sums once the counts are fixed, so with the whole batch's counts in place
+of a part's (`part_loss`), the losses of a batch's parts, and their gradients, add up
+to the whole batch's: gradient accumulation (train.grad_accum) is exact for every
+family, however unevenly the real tokens fall into the microbatches.
 """
 
 from __future__ import annotations
@@ -35,6 +42,17 @@ class Objective:
     # The loss is a mean over target tokens: exp(loss) is a perplexity and an all-zero
     # (padding) row weighs nothing. MLM + NSP adds a per-row NSP mean: neither holds.
     per_token: bool = True
+    # The count sums (keys of `sums`) of a batch, from its masks: see the module doc.
+    counts: Callable[[Batch], Sums] | None = None
+
+    def part_loss(
+        self, model: nn.Module, params: Any, part: Batch, rng: Any, counts: Sums
+    ) -> tuple[jax.Array, tuple[jax.Array, Sums]]:
+        """(this part's share of the whole batch's loss, (its weight, its sums)): the loss
+        of `part` normalised by the whole batch's `counts`, so the shares add up to the
+        whole batch's loss and their gradients to its gradient."""
+        _, weight, sums = self.loss(model, params, part, rng)
+        return self.summarize(sums | counts)["loss"], (weight, sums)
 
     def batch_shapes(
         self, batch_size: int, seq_len: int, target_len: int = 0
@@ -60,9 +78,18 @@ def token_loss(model: nn.Module, params: Any, batch: Batch, rng: jax.Array | Non
         batch["positions"],
         rngs=_rngs(rng),
     )
-    mask = (batch["segment_ids"] > 0).astype(jnp.float32)
+    mask = _token_mask(batch)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
     return jnp.sum(losses * mask), jnp.sum(mask)
+
+
+def _token_mask(batch: Batch) -> jax.Array:
+    """The real (non-padding) tokens of a packed causal batch."""
+    return (batch["segment_ids"] > 0).astype(jnp.float32)
+
+
+def _token_counts(batch: Batch) -> Sums:
+    return {"tokens": jnp.sum(_token_mask(batch))}
 
 
 def _mean(total: Any, count: Any) -> Any:
@@ -97,7 +124,7 @@ def mlm_nsp_loss(model, params, batch, rng=None):
     mlm_loss, mlm_correct, mlm_tokens = _masked_ce(
         mlm_logits, batch["targets"], batch["mlm_mask"].astype(jnp.float32)
     )
-    ones = jnp.ones(nsp_logits.shape[:1], jnp.float32)
+    ones = jnp.ones(nsp_logits.shape[:1], jnp.float32)  # every row is one NSP example
     nsp_loss, nsp_correct, nsp_examples = _masked_ce(nsp_logits, batch["nsp_labels"], ones)
     sums = {
         "mlm_loss_sum": mlm_loss,
@@ -109,6 +136,13 @@ def mlm_nsp_loss(model, params, batch, rng=None):
     }
     loss = _mean(mlm_loss, mlm_tokens) + _mean(nsp_loss, nsp_examples)
     return loss, mlm_tokens, sums
+
+
+def _mlm_nsp_counts(batch: Batch) -> Sums:
+    return {
+        "mlm_tokens": jnp.sum(batch["mlm_mask"].astype(jnp.float32)),
+        "nsp_examples": jnp.asarray(batch["nsp_labels"].shape[0], jnp.float32),
+    }
 
 
 def _mlm_nsp_summary(sums: Mapping[str, Any]) -> dict[str, Any]:
@@ -138,10 +172,15 @@ def seq2seq_loss(model, params, batch, rng=None):
     return _mean(total, n_tokens), n_tokens, {"loss_sum": total, "tokens": n_tokens}
 
 
+def _target_counts(batch: Batch) -> Sums:
+    return {"tokens": jnp.sum(batch["target_mask"].astype(jnp.float32))}
+
+
 CAUSAL_LM = Objective(
     causal_lm_loss,
     _token_summary,
     {"inputs": 2, "targets": 2, "segment_ids": 2, "positions": 2},
+    counts=_token_counts,
 )
 MLM_NSP = Objective(
     mlm_nsp_loss,
@@ -155,12 +194,14 @@ MLM_NSP = Objective(
         "nsp_labels": 1,
     },
     per_token=False,
+    counts=_mlm_nsp_counts,
 )
 SEQ2SEQ = Objective(
     seq2seq_loss,
     _token_summary,
     {"inputs": 2, "input_mask": 2, "decoder_inputs": 2, "targets": 2, "target_mask": 2},
     target_keys=("decoder_inputs", "targets", "target_mask"),
+    counts=_target_counts,
 )
 
 

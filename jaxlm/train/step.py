@@ -19,6 +19,74 @@ from jaxlm.train.state import TrainState, abstract_state
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
+Sums = dict[str, jax.Array]
+
+
+def split_microbatches(batch: Batch, n: int) -> Batch:
+    """(B, ...) arrays -> (n, B/n, ...): microbatch i takes rows i, i + n, i + 2n, ...
+
+    A batch sharded over its rows holds B/D consecutive rows per device; taking every
+    n-th row gives each device B/(nD) rows of every microbatch, so each microbatch is
+    sharded over the data axes like the whole batch, with no data moved. The
+    constraint keeps it so (flax's logical rules, as the models' activations).
+    """
+
+    def split(x: jax.Array) -> jax.Array:
+        parts = x.reshape(x.shape[0] // n, n, *x.shape[1:]).swapaxes(0, 1)
+        return nn.with_logical_constraint(parts, (None, "batch", "length")[: parts.ndim])
+
+    return {k: split(v) for k, v in batch.items()}
+
+
+def accumulate_grads(
+    model: nn.Module,
+    objective: Objective,
+    params: Any,
+    batch: Batch,
+    rng: jax.Array,
+    n: int,
+    grad_shardings: Any = None,
+) -> tuple[Any, jax.Array, Sums]:
+    """(gradient, weight, sums) of the whole batch's loss, from `n` microbatches in a
+    `lax.scan`: only one microbatch's activations are live at a time.
+
+    Each microbatch's loss is normalised by the whole batch's counts
+    (`Objective.part_loss`), so the fp32 sum of their gradients is the whole batch's
+    gradient, and the summed statistics give its loss and metrics, exactly (to fp32
+    rounding) as one pass over the batch would. The accumulator has the params'
+    sharding (`grad_shardings`); dropout draws a key per microbatch.
+    """
+    counts = objective.counts(batch)  # from the masks alone: no model pass
+    micro = split_microbatches(batch, n)
+
+    def constrain(grads: Any) -> Any:
+        if grad_shardings is None:
+            return grads
+        return jax.lax.with_sharding_constraint(grads, grad_shardings)
+
+    first = jax.tree_util.tree_map(lambda x: x[0], micro)
+    _, sums_shape = jax.eval_shape(lambda: objective.loss(model, params, first, rng)[1:])
+    zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, jnp.float32), sums_shape)
+    grads0 = constrain(jax.tree_util.tree_map(lambda p: jnp.zeros(p.shape, jnp.float32), params))
+
+    def body(carry, xs):
+        grads, (weight, sums) = carry
+        i, part = xs
+        part = {
+            k: nn.with_logical_constraint(v, ("batch", "length")[: v.ndim]) for k, v in part.items()
+        }
+        key = jax.random.fold_in(rng, i)
+        g, (w, s) = jax.grad(
+            lambda p: objective.part_loss(model, p, part, key, counts), has_aux=True
+        )(params)
+        grads = constrain(jax.tree_util.tree_map(lambda a, b: a + b.astype(jnp.float32), grads, g))
+        sums = jax.tree_util.tree_map(jnp.add, sums, s)
+        return (grads, (weight + w, sums)), None
+
+    carry = (grads0, (jnp.zeros((), jnp.float32), zeros))
+    (grads, (weight, sums)), _ = jax.lax.scan(body, carry, (jnp.arange(n), micro))
+    grads = jax.tree_util.tree_map(lambda g, p: g.astype(p.dtype), grads, params)
+    return grads, weight, sums
 
 
 def make_train_step(
@@ -27,8 +95,14 @@ def make_train_step(
     schedule: optax.Schedule,
     nonfinite: str = "skip",
     objective: Objective = CAUSAL_LM,
+    grad_accum: int = 1,
+    grad_shardings: Any = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """The pure step of `objective` (the model family's, see train/objectives.py).
+
+    With `grad_accum` > 1 the batch is split into that many microbatches inside the
+    step (`accumulate_grads`): the same update, with a microbatch's activations live
+    at a time; `grad_shardings` (the params') lays out the fp32 accumulator.
     A non-finite loss or gradient never reaches the state:
 
     - "skip": that update is dropped (params and optimizer unchanged), the step
@@ -37,6 +111,9 @@ def make_train_step(
       save and stop at its next check (no host sync per step is needed).
     """
 
+    if grad_accum > 1 and objective.counts is None:
+        raise ValueError("gradient accumulation needs the objective's `counts`")
+
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         rng = jax.random.fold_in(state.rng, state.step)
 
@@ -44,7 +121,15 @@ def make_train_step(
             loss, n_tokens, sums = objective.loss(model, params, batch, rng)
             return loss, (n_tokens, sums)
 
-        (loss, (n_tokens, sums)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        if grad_accum > 1:
+            grads, n_tokens, sums = accumulate_grads(
+                model, objective, state.params, batch, rng, grad_accum, grad_shardings
+            )
+            loss = objective.summarize(sums)["loss"]
+        else:
+            (loss, (n_tokens, sums)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+                state.params
+            )
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -151,7 +236,15 @@ def train_steps(
     )
     objective = for_family(config.model.family)
     steps = jit_steps(
-        make_train_step(model, tx, schedule, config.train.nonfinite, objective),
+        make_train_step(
+            model,
+            tx,
+            schedule,
+            config.train.nonfinite,
+            objective,
+            config.train.grad_accum,
+            shardings.params,
+        ),
         make_eval_step(model.clone(deterministic=True), objective),
         shardings,
         mesh,
