@@ -291,7 +291,8 @@ def format_report(r: CompileReport) -> str:
             f"({100 * r.total_bytes / r.topology.hbm_bytes:.0f}%)",
             f"FLOPs per step: {r.flops_per_step:.3e} (6N + attention), "
             f"{r.flops_per_step / (r.topology.chips * r.slices):.3e} per chip; "
-            f"XLA counts {r.xla_flops_per_chip:.3e} per chip (a scanned layer once)",
+            f"XLA counts {r.xla_flops_per_chip:.3e} per chip (a scanned layer once"
+            + (f", one of the {r.grad_accum} microbatches)" if r.grad_accum > 1 else ")"),
         ]
     lines.append("largest arrays (global shape, partition spec -> per-chip shard):")
     for a in r.largest:
