@@ -23,6 +23,8 @@ from jaxlm.errors import JaxlmError
 
 TOKENIZER_JSON = "tokenizer.json"
 CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json")
+# transformers >= 4.50 saves the chat template here; before, in tokenizer_config.json.
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
 SPECIAL_KEYS = (
     "bos_token",
     "eos_token",
@@ -64,19 +66,51 @@ def special_tokens(directory: str | os.PathLike) -> dict[str, str | None]:
     return tokens
 
 
+def chat_template(directory: str | os.PathLike) -> str | None:
+    """The chat template transformers would use for `directory`: `chat_template.jinja`,
+    else `tokenizer_config.json`'s `chat_template` (a string, or a list of named
+    templates whose `default` is taken); None when there is none."""
+    directory = epath.Path(directory)
+    if (directory / CHAT_TEMPLATE_FILE).is_file():
+        return (directory / CHAT_TEMPLATE_FILE).read_text()
+    config = directory / CONFIG_FILES[0]
+    template = json.loads(config.read_text()).get("chat_template") if config.is_file() else None
+    if isinstance(template, list):  # [{"name": ..., "template": ...}, ...]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) and template else None
+
+
 class HFTokenizer:
     """A `tokenizers.Tokenizer` with sentencepiece's method names.
 
     `encode` adds no special tokens (jaxlm's data pipeline adds BOS/EOS itself);
-    `decode` drops them, as sentencepiece drops control pieces.
+    `decode` drops them, as sentencepiece drops control pieces. `chat_template` is the
+    directory's (see `chat_template`), for supervised fine-tuning on conversations.
     """
 
-    def __init__(self, tokenizer: Tokenizer, specials: dict[str, str | None]) -> None:
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        specials: dict[str, str | None],
+        chat_template: str | None = None,
+    ) -> None:
         self.tokenizer = tokenizer
         self.specials = specials
+        self.chat_template = chat_template
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids and each token's character span, as `apply_chat_template` tokenizes."""
+        encoding = self.tokenizer.encode(text, add_special_tokens=False)
+        return encoding.ids, [tuple(span) for span in encoding.offsets]
+
+    def special_token_strings(self) -> dict[str, str]:
+        """The named special tokens that are set, as transformers' `special_tokens_map`
+        (what chat templates see as `bos_token`, `eos_token`, ...)."""
+        return {key: token for key, token in self.specials.items() if token is not None}
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
@@ -127,7 +161,7 @@ def load_hf_tokenizer(directory: str | os.PathLike) -> HFTokenizer:
         tokenizer = Tokenizer.from_str(path.read_text())
     except Exception as err:  # tokenizers raises plain Exceptions for bad files
         raise JaxlmError(f"{path} is not a tokenizers tokenizer.json: {err}") from None
-    return HFTokenizer(tokenizer, special_tokens(directory))
+    return HFTokenizer(tokenizer, special_tokens(directory), chat_template(directory))
 
 
 def copy_hf_tokenizer(source: str | os.PathLike, directory: str | os.PathLike) -> list[str]:
@@ -137,7 +171,7 @@ def copy_hf_tokenizer(source: str | os.PathLike, directory: str | os.PathLike) -
     folder = source.parent if source.name == TOKENIZER_JSON else source
     load_hf_tokenizer(folder)  # fail early on a missing or bad file
     copied = []
-    for name in (TOKENIZER_JSON, *CONFIG_FILES):
+    for name in (TOKENIZER_JSON, *CONFIG_FILES, CHAT_TEMPLATE_FILE):
         if (folder / name).is_file():
             (epath.Path(directory) / name).write_bytes((folder / name).read_bytes())
             copied.append(name)

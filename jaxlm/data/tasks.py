@@ -2,9 +2,11 @@
 
 A family names its task in `FAMILIES[...].data`: `packed` documents in rows
 (data/pipeline.py), the same documents as `mlm_nsp` sentence pairs (data/mlm.py), or
-`seq2seq` source -> target pairs (data/seq2seq.py). All three share `make_dataset`'s
-per-process streams, so sharding over hosts and the checkpointed data position work
-the same for every family.
+`seq2seq` source -> target pairs (data/seq2seq.py). A `packed` (decoder) family trains
+on `sft` examples instead when `data.format` says so, or, at `auto`, when the JSONL
+records are prompt/completion pairs or conversations (data/sft.py). All share
+`make_dataset`'s per-process streams, so sharding over hosts and the checkpointed data
+position work the same for every family.
 """
 
 from __future__ import annotations
@@ -16,15 +18,26 @@ from typing import Any
 import sentencepiece as spm
 
 from jaxlm.config import Config
-from jaxlm.data import mlm, seq2seq
+from jaxlm.data import mlm, seq2seq, sft
 from jaxlm.data.pipeline import check_enough_text
 from jaxlm.data.sources import read_documents
 from jaxlm.errors import JaxlmError
 from jaxlm.model_config import FAMILIES
 
 
+def is_sft(config: Config) -> bool:
+    """Whether a decoder trains on SFT examples: `data.format=sft`, or `auto` with a
+    first JSONL record holding the messages field or the prompt and completion fields."""
+    d = config.data
+    if FAMILIES[config.model.family].data != "packed" or d.format == "text":
+        return False
+    if d.format == "sft":
+        return True
+    return sft.looks_like_sft(d.path, d.messages_field, d.prompt_field, d.completion_field)
+
+
 def _task(config: Config) -> str:
-    return FAMILIES[config.model.family].data
+    return "sft" if is_sft(config) else FAMILIES[config.model.family].data
 
 
 def read_examples(config: Config) -> list[Any]:
@@ -32,12 +45,16 @@ def read_examples(config: Config) -> list[Any]:
     d = config.data
     if _task(config) == "seq2seq":
         return seq2seq.read_pairs(d.path, d.source_field, d.target_field)
+    if _task(config) == "sft":
+        return sft.read_records(d.path, d)
     return read_documents(d.path, d.text_field, d.split)
 
 
 def check_enough(config: Config, train_examples: Sequence[Any]) -> None:
     """Refuse a training split that cannot fill one batch, before a tokenizer is trained."""
     t = config.train
+    if _task(config) == "sft":  # rows are packed from whole examples, repeated
+        return
     if _task(config) == "seq2seq":
         if len(train_examples) < t.batch_size:
             raise JaxlmError(
@@ -52,6 +69,8 @@ def tokenizer_corpus(config: Config, train_examples: Sequence[Any]) -> list[str]
     """The text a tokenizer is trained on: both sides of seq2seq pairs."""
     if _task(config) == "seq2seq":
         return [text for pair in train_examples for text in pair]
+    if _task(config) == "sft":
+        return sft.corpus(train_examples)
     return list(train_examples)
 
 
@@ -67,4 +86,34 @@ def stream_maker(config: Config, tokenizer: spm.SentencePieceProcessor) -> Calla
         return mlm.mlm_stream
     if _task(config) == "seq2seq":
         return partial(seq2seq.seq2seq_stream, target_len=config.data.target_len)
+    if _task(config) == "sft":
+        return sft.sft_stream
     return None
+
+
+def encode_splits(
+    config: Config,
+    tokenizer: spm.SentencePieceProcessor,
+    splits: Sequence[Sequence[Any]],
+    seq_len: int = 0,
+    log: bool = True,
+) -> list[Sequence[Any]]:
+    """The splits as the streams take them: SFT examples rendered, tokenized and
+    truncated up front (so a template that fails to render fails before any compile;
+    the truncation count is printed when `log`); other tasks' examples as they are."""
+    if not any(isinstance(example, sft.Record) for split in splits for example in split[:1]):
+        return list(splits)
+    seq_len = seq_len or config.train.seq_len
+    out, reports = [], []
+    for examples in splits:
+        rows, report = sft.encode_records(examples, tokenizer, config.data, seq_len)
+        out.append(rows)
+        reports.append(report)
+    if not out[0]:
+        raise JaxlmError(
+            f"data: every training example lost its trained tokens to truncation at "
+            f"train.seq_len={seq_len}; raise train.seq_len or set data.truncation_side=left"
+        )
+    if log:
+        print(sft.describe(reports[0], sum(reports[1:], sft.Report()), config.data, seq_len))
+    return out

@@ -19,8 +19,9 @@ from flax import linen as nn
 from tqdm import tqdm
 
 from jaxlm import sharding as shd
+from jaxlm.data import sft
 from jaxlm.data.pipeline import make_dataset
-from jaxlm.data.tasks import stream_maker
+from jaxlm.data.tasks import encode_splits, stream_maker
 from jaxlm.errors import JaxlmError
 from jaxlm.model_config import FAMILIES
 from jaxlm.train.metrics import perplexity
@@ -57,9 +58,9 @@ def evaluate_model(
     seq_len: int = 0,
     max_batches: int = 0,
 ) -> dict[str, Any]:
-    """Metrics of `pretrained` (from `load_pretrained`) on `examples` (documents, or
-    (source, target) pairs for T5). `seq_len` 0 is the training length; `max_batches`
-    0 is the whole set.
+    """Metrics of `pretrained` (from `load_pretrained`) on `examples` (documents,
+    (source, target) pairs for T5, or SFT records, scored on the tokens their training
+    counts). `seq_len` 0 is the training length; `max_batches` 0 is the whole set.
 
     Decoders and T5 report `loss` (mean nats per target token, EOS included) and
     `perplexity` = exp(loss); decoders also `bits_per_byte` = summed nats / ln 2 /
@@ -74,6 +75,9 @@ def evaluate_model(
     if not examples:
         raise JaxlmError("no examples to evaluate")
     objective = for_family(family)
+    # SFT examples (data/sft.py) are scored on their counted tokens, in packed rows.
+    is_sft = isinstance(examples[0], sft.Record)
+    examples = encode_splits(config, tokenizer, [examples], seq_len, log=False)[0]
     rows = make_dataset(
         examples,
         tokenizer,
@@ -82,7 +86,7 @@ def evaluate_model(
         seed=0,
         shuffle=False,
         repeat=False,
-        make_stream=stream_maker(config, tokenizer),
+        make_stream=sft.sft_stream if is_sft else stream_maker(config, tokenizer),
     )
     mesh = shd.make_mesh(config.mesh)
     rules = shd.logical_rules(config.mesh)
@@ -117,7 +121,7 @@ def evaluate_model(
         "loss": metrics["loss"],
         "perplexity": perplexity(metrics["loss"]),
     }
-    if FAMILIES[family].kind == "decoder" and not truncated:  # scored every byte
+    if FAMILIES[family].kind == "decoder" and not is_sft and not truncated:  # every byte
         results["bytes"] = _text_bytes(examples)
         results["bits_per_byte"] = totals["loss_sum"] / math.log(2) / results["bytes"]
     return results

@@ -44,7 +44,12 @@ __all__ = ["convert_from_hf", "convert_to_hf", "load_hf_pretrained", "read_hf_pa
 
 # HF model_type -> the family whose `hf` mapping module (gpt2.py, ...) converts it.
 HF_FAMILIES: dict[str, Family] = {f.hf: f for f in FAMILIES.values() if f.hf}
-HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+HF_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",  # transformers >= 4.50 keeps the chat template here
+)
 ARCHITECTURE_FIELDS = ("family", "norm", "mlp", "position", "use_bias", "tie_embeddings")
 
 

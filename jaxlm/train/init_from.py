@@ -4,10 +4,17 @@
 from-hf` write) or `hf:PATH`, a Hugging Face directory read directly. The weights are
 restored onto the training state's own shardings; their shapes must be those of the
 run's model, and a difference is one error naming the parameter.
+
+With `hf:PATH` the model is the checkpoint's (`resolve_init_from`): its architecture
+comes from `config.json` and, unless `tokenizer.path` is set, its tokenizer from the
+directory, so any config (e.g. configs/sft-gpt2-tiny.yaml) fine-tunes any supported
+checkpoint in one command. The config's model section then contributes only how the
+model runs: RUN_FIELDS.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +26,8 @@ from jaxlm.errors import ConfigError, JaxlmError
 from jaxlm.train.state import param_shapes
 
 HF_PREFIX = "hf:"
+# Model settings a run chooses whatever checkpoint it starts from.
+RUN_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat", "attention", "dropout")
 
 
 def _source(config: Config) -> tuple[bool, Path]:
@@ -38,6 +47,33 @@ def check_init_from(config: Config) -> None:
     if not (directory / wanted).is_file():
         kind = "a Hugging Face directory" if is_hf else "a run or model directory"
         raise ConfigError("init_from", f"{directory} is not {kind} (no {wanted})")
+
+
+def resolve_init_from(config: Config) -> Config:
+    """`config` with the model and tokenizer of an `init_from=hf:PATH` checkpoint: the
+    architecture of its config.json (keeping the config's RUN_FIELDS), and, when
+    `tokenizer.path` is empty, its tokenizer.json (or tokenizer.model). Other configs
+    are returned as they are."""
+    is_hf, directory = _source(config)
+    if not config.init_from or not is_hf:
+        return config
+    from jaxlm.hf import architecture_for
+    from jaxlm.hf.hf_config import read_hf_config
+
+    hf = read_hf_config(directory)
+    model = architecture_for(hf).config_from_hf(hf)
+    model = dataclasses.replace(model, **{k: getattr(config.model, k) for k in RUN_FIELDS})
+    tokenizer = {"vocab_size": model.vocab_size}
+    if not config.tokenizer.path:
+        for name in ("tokenizer.json", "tokenizer.model"):
+            if (directory / name).is_file():
+                tokenizer["path"] = str((directory / name).absolute())
+                break
+        else:
+            raise ConfigError(
+                "tokenizer.path", f"{directory} has no tokenizer.json or tokenizer.model; set it"
+            )
+    return config.replace(model=model, tokenizer=tokenizer)
 
 
 def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:

@@ -34,7 +34,7 @@ from jaxlm.observe.profile import StepProfiler
 from jaxlm.observe.tensorboard import TensorBoardWriter
 from jaxlm.paths import as_path
 from jaxlm.train import faults
-from jaxlm.train.init_from import check_init_from, load_init_params
+from jaxlm.train.init_from import check_init_from, load_init_params, resolve_init_from
 from jaxlm.train.metrics import MetricsWriter, peak_flops_per_device, perplexity
 from jaxlm.train.objectives import for_family
 from jaxlm.train.preemption import Preempted, PreemptionGuard
@@ -217,6 +217,7 @@ def train(
     """
     check_trainable(config)
     check_init_from(config)
+    config = resolve_init_from(config)  # hf:PATH: its architecture and tokenizer
     run_dir = as_path(run_dir) if run_dir is not None else default_run_dir(config)
     run_dir.mkdir(parents=True, exist_ok=True)
     t_cfg = config.train
@@ -243,6 +244,10 @@ def train(
     train_docs, held_out = split_documents(docs, config.data.eval_fraction)
     tasks.check_enough(config, train_docs)
     tokenizer = prepare_tokenizer(config, run_dir, tasks.tokenizer_corpus(config, train_docs))
+    # SFT examples are rendered and tokenized here, before any compile.
+    train_docs, held_out = tasks.encode_splits(
+        config, tokenizer, [train_docs, held_out], log=proc == 0
+    )
     make_stream = tasks.stream_maker(config, tokenizer)
     config = resolve_vocab(config, tokenizer.get_piece_size())
     check_resumable(run_dir, config)
@@ -314,6 +319,16 @@ def train(
         unit="step",
         dynamic_ncols=True,
     )
+    if t_cfg.eval_on_start and start == 0:  # the starting model, before any update
+        evaluated = evaluate(
+            eval_fn, state.params, held_out_batches, data_shardings, objective.summarize
+        )
+        record = {"step": 0} | eval_record(evaluated, objective.per_token)
+        result.history.append(record)
+        if writer:
+            writer.write(record)
+        if board:
+            board.scalars(record)
     last_time, last_step = time.perf_counter(), start
     end = t_cfg.steps if stop_at is None else min(stop_at, t_cfg.steps)
     guard = PreemptionGuard(enabled=n_proc == 1)  # multi-host: JAX's preemption service

@@ -70,7 +70,7 @@ def _rngs(rng: jax.Array | None) -> dict | None:
 
 
 def token_loss(model: nn.Module, params: Any, batch: Batch, rng: jax.Array | None = None):
-    """(summed fp32 loss over real tokens, number of real tokens)."""
+    """(summed fp32 loss over counted tokens, number of counted tokens)."""
     logits = model.apply(
         {"params": params},
         batch["inputs"],
@@ -79,13 +79,17 @@ def token_loss(model: nn.Module, params: Any, batch: Batch, rng: jax.Array | Non
         rngs=_rngs(rng),
     )
     mask = _token_mask(batch)
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    labels = jnp.maximum(batch["targets"], 0)  # an ignored (negative) target: any class
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     return jnp.sum(losses * mask), jnp.sum(mask)
 
 
 def _token_mask(batch: Batch) -> jax.Array:
-    """The real (non-padding) tokens of a packed causal batch."""
-    return (batch["segment_ids"] > 0).astype(jnp.float32)
+    """The counted tokens of a packed causal batch: real (not padding), with a target
+    of 0 or more. A negative target (-100, Hugging Face's ignore index) keeps its token
+    as context but out of the loss, perplexity and token count: supervised fine-tuning
+    marks the prompt so (jaxlm/data/sft.py)."""
+    return ((batch["segment_ids"] > 0) & (batch["targets"] >= 0)).astype(jnp.float32)
 
 
 def _token_counts(batch: Batch) -> Sums:
