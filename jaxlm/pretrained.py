@@ -7,6 +7,9 @@ PATH may be
   and `jaxlm convert from-hf` write;
 - a Hugging Face directory (`config.json` + `*.safetensors`), converted on the fly.
 
+Run and model directories may be on Cloud Storage (`gs://bucket/run`, read through
+etils.epath as training writes them); a Hugging Face directory must be local.
+
 Params are restored straight onto the mesh of `mesh` (default: the config's), sharded
 by the logical rules, so a model is never held whole in host memory. Imports point one
 way: this module uses `jaxlm.hf` and `jaxlm.model_dir`; neither imports it.
@@ -15,6 +18,8 @@ way: this module uses `jaxlm.hf` and `jaxlm.model_dir`; neither imports it.
 from __future__ import annotations
 
 from pathlib import Path
+
+from etils import epath
 
 from jaxlm.config import MeshConfig
 from jaxlm.errors import JaxlmError
@@ -26,6 +31,7 @@ from jaxlm.model_dir import (  # noqa: F401  (re-exported: the public names live
     restore_params,
     save_pretrained,
 )
+from jaxlm.paths import is_remote
 
 
 def load_pretrained(
@@ -38,7 +44,7 @@ def load_pretrained(
     `overrides` are `key=value` config overrides (e.g. `model.attention=dot_product`);
     model shapes must stay those of the checkpoint.
     """
-    directory = Path(path)
+    directory = epath.Path(path)  # pathlib would fold gs://b into gs:/b
     if not directory.is_dir():
         raise JaxlmError(f"model path {directory} is not a directory")
     if (directory / CONFIG_FILE).is_file():
@@ -46,6 +52,11 @@ def load_pretrained(
     elif (directory / "config.json").is_file():
         from jaxlm.hf import load_hf_pretrained  # converted on the fly
 
+        if is_remote(directory):  # its safetensors reader takes local files only
+            raise JaxlmError(
+                f"{directory}: a Hugging Face directory must be local; copy it to a "
+                "local directory first"
+            )
         loaded = load_hf_pretrained(directory, mesh=mesh)
     else:
         raise JaxlmError(

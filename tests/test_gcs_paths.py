@@ -121,6 +121,27 @@ def test_uncommitted_steps_on_gs_are_incomplete(gcs):
     assert integrity.uncommitted_dir(checkpoints, 10) == checkpoints / "10"
 
 
+def test_model_directories_on_gs_load_their_newest_committed_step(gcs):
+    """What load_pretrained reads through epath before orbax (which the emulator test
+    covers): a gs:// run's newest committed step, passing over an unfinished one, and
+    its tokenizer; a Hugging Face directory on gs:// is refused by name."""
+    from jaxlm.model_dir import _latest_step, load_tokenizer_dir
+    from jaxlm.pretrained import load_pretrained
+
+    checkpoints = gcs / "run" / "checkpoints"
+    for step in (5, 10):
+        (checkpoints / str(step) / "state").mkdir(parents=True, exist_ok=True)
+    (checkpoints / "5" / integrity.COMMIT_FILE).write_text("done")
+    assert _latest_step(checkpoints) == 5
+    cached_tokenizer(read_documents(str(CORPUS))[:400], gcs / "run" / "tokenizer.model", 512, "bpe")
+    assert load_tokenizer_dir(gcs / "run").get_piece_size() == 512
+
+    (gcs / "hf").mkdir(parents=True, exist_ok=True)
+    (gcs / "hf" / "config.json").write_text("{}")
+    with pytest.raises(JaxlmError, match="^gs://bucket/hf: a Hugging Face directory must be local"):
+        load_pretrained("gs://bucket/hf")
+
+
 def test_tensorboard_events_reach_gs(gcs):
     """tensorboardX writes locally; the events are copied to the gs:// run directory
     (periodically, with what tensorboardX has written by then, and whole on close) and
