@@ -130,16 +130,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if getattr(args, flag) < 1:
             raise JaxlmError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be positive")
     if args.predictions:  # scores of given outputs: no model needed
-        pairs = read_pairs(args.predictions, args.prediction_field, args.reference_field)
+        flags = ("--predictions", "--prediction-field", "--reference-field")
+        pairs = read_pairs(args.predictions, args.prediction_field, args.reference_field, flags)
         results = overlap_scores([p for p, _ in pairs], [r for _, r in pairs])
         title = f"{args.predictions}"
     elif not args.model:
         raise JaxlmError("eval needs a MODEL (run, model or HF directory), or --predictions")
     else:
+        pairs = []  # read first: a bad file fails before the model loads
+        if args.pairs:
+            flags = ("--pairs", "--source-field", "--reference-field")
+            pairs = read_pairs(args.pairs, args.source_field, args.reference_field, flags)
         pretrained = load_pretrained(args.model, overrides=args.config)
         config = pretrained.config
         if args.pairs:
-            pairs = read_pairs(args.pairs, args.source_field, args.reference_field)
             if args.max_examples:
                 pairs = pairs[: args.max_examples]
             outputs = generate_texts(

@@ -61,7 +61,11 @@ CASES = [
     ),
     (
         ["eval", "{d}/gpt2", "--pairs", "{d}/pairs.jsonl"],
-        "data file {d}/pairs.jsonl, line 1: no string field 'src'",
+        "data file {d}/pairs.jsonl, line 1: no string field 'src' (set --source-field)",
+    ),
+    (
+        ["eval", "--predictions", "{d}/pairs.jsonl", "--prediction-field", "question"],
+        "data file {d}/pairs.jsonl, line 1: no string field 'tgt' (set --reference-field)",
     ),
     (
         ["generate", "{d}/big_tokenizer", "--prompt", "hi"],

@@ -23,8 +23,18 @@ Pair = tuple[str, str]
 Example = dict[str, np.ndarray]
 
 
-def read_pairs(path: str, source_field: str = "src", target_field: str = "tgt") -> list[Pair]:
-    """All (source, target) pairs of the JSONL files at `path`, in file order."""
+def read_pairs(
+    path: str,
+    source_field: str = "src",
+    target_field: str = "tgt",
+    settings: tuple[str, str, str] = ("data.path", "data.source_field", "data.target_field"),
+) -> list[Pair]:
+    """All (source, target) pairs of the JSONL files at `path`, in file order.
+
+    `settings` name what set `path` and the two fields, for the errors to point at:
+    config keys in training, the flags (`--pairs`, `--source-field`...) in `jaxlm eval`.
+    """
+    path_setting, source_setting, target_setting = settings
     pairs: list[Pair] = []
     for file in list_files(path):
         if file.suffix not in (".jsonl", ".json"):
@@ -39,14 +49,15 @@ def read_pairs(path: str, source_field: str = "src", target_field: str = "tgt") 
             ]
             for field, value in zip((source_field, target_field), values, strict=True):
                 if not isinstance(value, str):
-                    key = "data.source_field" if field == source_field else "data.target_field"
+                    setting = source_setting if field == source_field else target_setting
                     raise JaxlmError(
-                        f"data file {file}, line {number}: no string field {field!r} (set {key})"
+                        f"data file {file}, line {number}: no string field {field!r} "
+                        f"(set {setting})"
                     )
             if values[0].strip() and values[1].strip():
                 pairs.append((values[0], values[1]))
     if not pairs:
-        raise JaxlmError(f"data.path: no source/target pairs at {path!r}")
+        raise JaxlmError(f"{path_setting}: no source/target pairs at {path!r}")
     return pairs
 
 
