@@ -1,7 +1,6 @@
 """`jaxlm compile`: the real train step compiled for a TPU slice by libtpu, on this CPU."""
 
 import math
-import os
 import subprocess
 import sys
 
@@ -11,7 +10,7 @@ from jaxlm.aot import compile_train_step, parse_topology
 from jaxlm.config import load_config
 from jaxlm.errors import JaxlmError
 
-from .conftest import REPO, TINY
+from .conftest import REPO, TINY, subprocess_env
 
 pytest.importorskip("libtpu", reason="libtpu is in the test extra: pip install -e '.[test]'")
 
@@ -66,7 +65,7 @@ def test_sharding_divides_the_state_across_chips():
 
 def test_logits_that_cannot_fit_are_reported(tmp_path):
     """A 16k-row batch of 32k-vocab logits needs 32 GiB per chip on a v5e-2x2 (16 GiB)."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = subprocess_env()
     args = [*TINY, "model.vocab_size=32768", "train.batch_size=16384", "mesh.data=1"]
     command = [sys.executable, "-m", "jaxlm.cli", "compile", *args, "mesh.fsdp=4", "--topology"]
     out = subprocess.run(

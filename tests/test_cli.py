@@ -1,21 +1,16 @@
 """The `jaxlm` command as a user runs it: real subprocesses, real messages."""
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
-from .conftest import CORPUS, REPO, TINY
+from .conftest import CORPUS, REPO, TINY, subprocess_env
 
 
 def jaxlm(*args, cwd=None):
-    env = dict(
-        os.environ,
-        XLA_FLAGS="--xla_force_host_platform_device_count=8",
-        JAX_PLATFORMS="cpu",  # no TPU probing noise where libtpu is installed
-    )
+    env = subprocess_env()
     return subprocess.run(
         [sys.executable, "-m", "jaxlm.cli", *args],
         capture_output=True,

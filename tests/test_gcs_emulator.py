@@ -22,7 +22,6 @@ falls back to its plain filesystem on every call, so the env turns the lookup of
 
 import json
 import math
-import os
 import signal
 import socket
 import subprocess
@@ -36,7 +35,7 @@ import pytest
 
 from jaxlm.train.faults import KILL_BEFORE_COMMIT_ENV
 
-from .conftest import REPO, TINY
+from .conftest import REPO, TINY, subprocess_env
 
 pytest.importorskip("gcp_storage_emulator", reason="gcp-storage-emulator: the test extra")
 
@@ -85,11 +84,8 @@ threading.Event().wait()
 # copy into slices for the devices to write, 80 slice programs per saving process.)
 TRAIN = [*TINY, "train.steps=4", "checkpoint.every=2", "train.eval_every=2", "mesh.fsdp=8"]
 RUN = "gs://bucket/run"
-# Every process here compiles with XLA's backend optimisations off: the test is about
-# storage, and the one compile that misses the persistent cache (the reference run's)
-# takes half the time. The reference runs as a subprocess to get the same flags, so
-# its numbers are bit for bit those of the runs on gs://.
-XLA_FLAGS = ["--xla_force_host_platform_device_count=8", "--xla_backend_optimization_level=0"]
+# The reference runs as a subprocess with the flags of the runs on gs:// (conftest's
+# `subprocess_env`), so its numbers are bit for bit theirs.
 
 
 @pytest.fixture(scope="module")
@@ -113,10 +109,7 @@ def gcs_env():
                 server.kill()
                 raise
             time.sleep(0.2)
-    yield dict(
-        os.environ,
-        XLA_FLAGS=" ".join(XLA_FLAGS),
-        JAX_PLATFORMS="cpu",
+    yield subprocess_env(
         STORAGE_EMULATOR_HOST=url,
         TENSORSTORE_GCS_HTTP_URL=url,
         GOOGLE_AUTH_TOKEN_FOR_TESTING="emulator",

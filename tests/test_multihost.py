@@ -27,7 +27,7 @@ from jaxlm.train.loop import train
 from jaxlm.train.metrics import read_metrics
 from jaxlm.train.preemption import PREEMPTED_EXIT_CODE
 
-from .conftest import REPO, TINY
+from .conftest import REPO, TINY, subprocess_env
 
 ARGS = [*TINY, "name=multi", "data.streams=2", "mesh.data=2", "mesh.fsdp=4"]
 STEPS = 20
@@ -42,10 +42,8 @@ def _free_port() -> int:
 
 def _two_processes(run_dir, *extra, signal_when=None) -> list[subprocess.CompletedProcess]:
     """Run the pair; `signal_when(procs)`, if given, is called while they run."""
-    env = dict(
-        os.environ,
-        XLA_FLAGS="--xla_force_host_platform_device_count=4",
-        JAX_PLATFORMS="cpu",
+    env = subprocess_env(
+        devices=4,
         JAXLM_COORDINATOR=f"127.0.0.1:{_free_port()}",
         JAXLM_NUM_PROCESSES="2",
     )

@@ -3,7 +3,6 @@ subprocesses, compared with uninterrupted runs of the same seed."""
 
 import json
 import math
-import os
 import shutil
 import signal
 import subprocess
@@ -19,9 +18,9 @@ import pytest
 from jaxlm.train.faults import KILL_BEFORE_COMMIT_ENV, KILL_ENV, POISON_ENV
 from jaxlm.train.preemption import PREEMPTED_EXIT_CODE
 
-from .conftest import REPO, TINY
+from .conftest import REPO, TINY, subprocess_env
 
-ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+ENV = subprocess_env()
 
 
 def command(run_dir: Path, *overrides: str) -> list[str]:

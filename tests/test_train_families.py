@@ -2,7 +2,6 @@
 test_bert.py and test_t5.py): a shortened llama-tiny run, since gpt2's CLI run
 (test_cli.py) and its learning threshold (test_train.py) are covered already."""
 
-import os
 import subprocess
 import sys
 
@@ -10,13 +9,13 @@ import numpy as np
 
 from jaxlm.train.metrics import read_metrics
 
-from .conftest import REPO
+from .conftest import REPO, subprocess_env
 
 
 def jaxlm(*args: str) -> subprocess.CompletedProcess:
     """`jaxlm ARGS` as a user on a laptop runs it: one CPU device (the tests' 8 emulated
     devices would only slow these tiny models down)."""
-    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    env = subprocess_env(devices=1)
     return subprocess.run(
         [sys.executable, "-m", "jaxlm.cli", *args],
         capture_output=True,
