@@ -23,7 +23,9 @@ from jaxlm.model_config import (  # noqa: F401  (re-exported: one place to impor
     FAMILIES,
     MODEL_CHOICES,
     SWIGLU_MULTIPLE,
+    LoraConfig,
     ModelConfig,
+    validate_lora,
     validate_model,
 )
 from jaxlm.model_config import check as _check
@@ -151,6 +153,7 @@ _LOGICAL_NAMES = ("batch", "length", "vocab", "heads", "kv_heads", "mlp", "embed
 _LOGICAL_NAMES += ("layers", "max_len")
 _LOGICAL_NAMES += ("relpos_buckets",)  # T5's relative-bias table rows, never sharded
 _LOGICAL_NAMES += ("type_vocab", "classes")  # BERT's token-type rows, NSP classes: unsharded
+_LOGICAL_NAMES += ("lora_rank",)  # LoRA adapters' inner dimension: small, never sharded
 
 
 @dataclass(frozen=True)
@@ -201,6 +204,8 @@ class Config:
     # or model directory, or `hf:PATH` for a Hugging Face directory (jaxlm/train/init_from.py).
     init_from: str = ""
     model: ModelConfig = field(default_factory=ModelConfig)
+    # Low-rank adapters: rank > 0 trains them alone, the model's weights frozen.
+    lora: LoraConfig = field(default_factory=LoraConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -353,6 +358,7 @@ def validate(c: Config) -> Config:
     )
     _check(0.0 < c.data.eval_fraction < 1.0, "data.eval_fraction", "must be in (0, 1)")
     _check_sft(c)
+    validate_lora(m, c.lora)
     for key in (
         "steps",
         "batch_size",

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from jaxlm.errors import ConfigError
@@ -27,6 +27,31 @@ MODEL_CHOICES = {
     "attention": ("einsum", "dot_product", "flash", "splash", "auto"),
 }
 SWIGLU_MULTIPLE = 256  # Llama rounds its SwiGLU width up to this
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """Low-rank adapters (LoRA, Hu et al. 2021) on a decoder's projections.
+
+    Each targeted projection W (d_in -> d_out) gains A (d_in x rank, random) and B
+    (rank x d_out, zeros) and computes x W + (alpha / rank) dropout(x) A B; training
+    updates only A and B (jaxlm/train/optim.py). `targets` are the projections' module
+    names (`lora_targets` lists a model's). rank 0 = off: the model is exactly the
+    plain one.
+    """
+
+    rank: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0  # on the adapter's input only, as PEFT's lora_dropout
+    targets: list[str] = field(default_factory=lambda: ["query", "value"])
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank if self.rank else 0.0
+
+    def frozen(self) -> LoraConfig:
+        """A hashable copy (targets as a tuple), for a Flax module attribute."""
+        return dataclasses.replace(self, targets=tuple(self.targets))
 
 
 @dataclass(frozen=True)
@@ -196,6 +221,64 @@ FAMILIES: dict[str, Family] = {
         check=_check_bert,
     ),
 }
+
+
+# The projections a decoder block has, by module name (attention's, then the MLP's by
+# ModelConfig.mlp), and which of each's kernel dimensions are its input: the adapters'
+# shapes follow from them.
+ATTENTION_PROJECTIONS = ("query", "key", "value", "out")
+MLP_PROJECTIONS = {"gelu": ("fc_in", "fc_out"), "relu": ("fc_in", "fc_out")}
+MLP_PROJECTIONS["swiglu"] = ("gate", "up", "down")
+
+
+def lora_targets(m: ModelConfig) -> tuple[str, ...]:
+    """The projection names `lora.targets` may list for model `m`."""
+    return ATTENTION_PROJECTIONS + MLP_PROJECTIONS[m.resolved().mlp]
+
+
+def projection_dims(m: ModelConfig, name: str) -> tuple[int, int]:
+    """(d_in, d_out) of projection `name` of one decoder block, heads flattened."""
+    m = m.resolved()
+    q, kv, f, d = m.n_heads * m.head_dim, m.kv_heads * m.head_dim, m.ff_dim, m.d_model
+    dims = {"query": (d, q), "key": (d, kv), "value": (d, kv), "out": (q, d)}
+    dims |= {"fc_in": (d, f), "gate": (d, f), "up": (d, f), "fc_out": (f, d), "down": (f, d)}
+    return dims[name]
+
+
+def lora_param_count(m: ModelConfig, lora: LoraConfig) -> int:
+    """The trainable parameters of `lora` on `m`: rank (d_in + d_out) per targeted
+    projection per layer."""
+    if lora.rank == 0:
+        return 0
+    per_layer = sum(lora.rank * sum(projection_dims(m, t)) for t in set(lora.targets))
+    return m.n_layers * per_layer
+
+
+def validate_lora(m: ModelConfig, lora: LoraConfig) -> None:
+    """`lora`'s checks against the model it adapts."""
+    check(lora.rank >= 0, "lora.rank", "must be >= 0 (0 = off)")
+    if lora.rank == 0:
+        return
+    family = FAMILIES[m.family]
+    decoders = ", ".join(n for n, f in FAMILIES.items() if f.kind == "decoder")
+    check(family.kind == "decoder", "lora.rank", f"adapters are for decoders ({decoders})")
+    check(lora.alpha > 0, "lora.alpha", "must be positive")
+    check(0.0 <= lora.dropout < 1.0, "lora.dropout", "must be in [0, 1)")
+    valid = lora_targets(m)
+    check(bool(lora.targets), "lora.targets", f"must name projections: {', '.join(valid)}")
+    for name in lora.targets:
+        check(
+            name in valid,
+            "lora.targets",
+            f"unknown projection {name!r} for {m.family}; valid: {', '.join(valid)}",
+        )
+    for name in lora.targets:
+        smaller = min(projection_dims(m, name))
+        check(
+            lora.rank <= smaller,
+            "lora.rank",
+            f"{lora.rank} exceeds {smaller}, the smaller dimension of projection {name!r}",
+        )
 
 
 def flops_per_token(config: ModelConfig, n_params: int, seq_len: int) -> float:

@@ -7,7 +7,8 @@
   (`config.yaml`, tokenizer, `params/`) that `jaxlm train` (`init_from=OUT`),
   `load_pretrained` and the CLI take as is;
 - `convert_to_hf(RUN_OR_MODEL_DIR, OUT)`: `config.json`, `model.safetensors` (sharded
-  with an index past `max_shard_bytes`) and tokenizer files that transformers loads.
+  with an index past `max_shard_bytes`) and tokenizer files that transformers loads; a
+  LoRA run is written with its adapters merged into the weights (models/lora.py).
 
 Only numpy, safetensors and tokenizers are needed: no torch, no transformers. Each
 architecture module (gpt2.py, llama.py, bert.py) holds the config.json <-> ModelConfig
@@ -38,6 +39,7 @@ from jaxlm.model_dir import (
     load_tokenizer_dir,
     save_pretrained,
 )
+from jaxlm.models.lora import merge_lora
 from jaxlm.train.state import abstract_state
 
 __all__ = ["convert_from_hf", "convert_to_hf", "load_hf_pretrained", "read_hf_params"]
@@ -205,6 +207,8 @@ def convert_to_hf(
     """Write a jaxlm run or model directory as a Hugging Face directory; returns it."""
     path, out_dir = Path(path), Path(out_dir)
     _, params, tokenizer, config = load_model_dir(path)
+    if config.lora.rank:  # a LoRA run: its adapters folded into plain weights
+        params = merge_lora(params, config.lora)
     m = config.model.resolved()
     module = architecture_of(m)
     hf = {**module.config_to_hf(m), **_token_ids(tokenizer), "dtype": m.param_dtype}

@@ -7,7 +7,7 @@ import dataclasses
 import jax
 from flax import linen as nn
 
-from jaxlm.model_config import FAMILIES, ModelConfig
+from jaxlm.model_config import FAMILIES, LoraConfig, ModelConfig
 from jaxlm.models.attention import resolve_attention
 from jaxlm.models.decoder import Decoder, DecoderBlock
 from jaxlm.models.encdec import T5
@@ -28,14 +28,19 @@ def build_model(
     deterministic: bool = True,
     platform: str | None = None,
     seq_len: int | None = None,
+    lora: LoraConfig | None = None,
 ) -> nn.Module:
     """The family's module (`FAMILIES[config.family].module`) for `config` with the
     family's defaults filled in and `attention: auto` resolved for `platform` (default:
     JAX's backend) and rows of `seq_len` tokens (None: not known). Callers compiling for
     other devices than the local ones (AOT for TPU on a CPU host) pass their platform,
-    so the model is the one that will run there.
+    so the model is the one that will run there. `lora` (rank > 0, decoders) adds
+    low-rank adapters (layers.EinsumDense).
     """
     config = config.resolved()
     attention = resolve_attention(config, platform or jax.default_backend(), seq_len)
     config = dataclasses.replace(config, attention=attention)
-    return globals()[FAMILIES[config.family].module](config, deterministic=deterministic)
+    module = globals()[FAMILIES[config.family].module]
+    if lora is not None and lora.rank > 0:
+        return module(config, deterministic=deterministic, lora=lora.frozen())
+    return module(config, deterministic=deterministic)

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from jaxlm.model_config import FAMILIES, ModelConfig
+from jaxlm.model_config import FAMILIES, LoraConfig, ModelConfig
 from jaxlm.models.kernels import LANES, flash_attention, splash_attention, splash_fits
 from jaxlm.models.layers import EinsumDense
 from jaxlm.models.rope import RopeScaling, apply_rope
@@ -174,6 +174,7 @@ class SelfAttention(nn.Module):
     sliding_window: int = 0  # for splash, which masks by itself; the others get it in the mask
     scale: float | None = None  # of the scores; None = 1/sqrt(head_dim), T5 uses 1.0
     query_init_scale: float = 1.0  # T5 folds the 1/sqrt(head_dim) into the query's init
+    lora: LoraConfig | None = None  # adapters on the projections it targets
 
     @nn.compact
     def __call__(
@@ -197,6 +198,7 @@ class SelfAttention(nn.Module):
         are projected on the first call and read from the cache after."""
         d_model = x_BLD.shape[-1]
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw |= dict(lora=self.lora, deterministic=self.deterministic)
         if positions_BL is None:  # one unpacked document per row
             positions_BL = jnp.broadcast_to(jnp.arange(x_BLD.shape[1]), x_BLD.shape[:2])
 

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from jaxlm.model_config import ModelConfig
+from jaxlm.model_config import LoraConfig, ModelConfig
 from jaxlm.models.attention import SelfAttention, attention_mask, cache_mask, takes_mask
 from jaxlm.models.layers import MLPS, EinsumDense, logical, make_norm
 from jaxlm.models.rope import rope_scaling
@@ -29,6 +29,7 @@ class DecoderBlock(nn.Module):
 
     config: ModelConfig
     deterministic: bool = True
+    lora: LoraConfig | None = None
 
     @nn.compact
     def __call__(
@@ -60,6 +61,7 @@ class DecoderBlock(nn.Module):
             rope_scaling=rope_scaling(c),
             attention=c.attention,
             sliding_window=c.sliding_window,
+            lora=self.lora,
             name="attn",
         )(
             norm("ln_attn")(x_BLD),
@@ -76,6 +78,7 @@ class DecoderBlock(nn.Module):
             param_dtype=param_dtype,
             deterministic=self.deterministic,
             use_bias=c.use_bias,
+            lora=self.lora,
             name="mlp",
         )(norm("ln_mlp")(x_BLD))
         return nn.with_logical_constraint(x_BLD, ("batch", "length", "embed")), None
@@ -89,10 +92,13 @@ class Decoder(nn.Module):
     tokens, i.e. not left padding; its length is the cache's). The first call creates
     the cache; `positions_BL` are then each row's own positions, and the logits are
     the last position's only, (B, 1, V).
+
+    `lora` (rank > 0) adds low-rank adapters to the projections it targets.
     """
 
     config: ModelConfig
     deterministic: bool = True
+    lora: LoraConfig | None = None
 
     @nn.compact
     def __call__(
@@ -140,7 +146,8 @@ class Decoder(nn.Module):
         args = (mask, positions_BL, segment_ids_BL)
         if cache_index is not None:
             args = (*args, cache_index)
-        x = stack_layers(DecoderBlock, c, self.deterministic, x, *args)
+        lora = self.lora if self.lora is not None and self.lora.rank > 0 else None
+        x = stack_layers(DecoderBlock, c, self.deterministic, x, *args, lora=lora)
         if cache_index is not None:  # decoding samples from the last position only
             x = x[:, -1:]
 

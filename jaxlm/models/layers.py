@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from jaxlm.model_config import LoraConfig
+
 Initializer = Callable[..., jax.Array]
 INIT_STD = 0.02  # GPT-2's
 
@@ -59,6 +61,11 @@ class EinsumDense(nn.Module):
 
     Flax's DenseGeneral initialises a flattened kernel, which can't carry per-axis
     logical names; this keeps the kernel in its true shape.
+
+    With `lora` (rank > 0) naming this module in its targets, low-rank adapters
+    `lora_a` (input dims x rank, PEFT's kaiming-uniform init) and `lora_b` (rank x
+    output dims, zeros) add (alpha / rank) dropout(x) A B; their axes are the kernel's
+    with `lora_rank` (never sharded) between the input and output dims.
     """
 
     equation: str
@@ -68,6 +75,8 @@ class EinsumDense(nn.Module):
     init_scale: float = 1.0
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    lora: LoraConfig | None = None
+    deterministic: bool = True  # of the adapters' dropout
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -83,7 +92,36 @@ class EinsumDense(nn.Module):
             bias_init = logical(nn.initializers.zeros, self.bias_axes)
             bias = self.param("bias", bias_init, self.kernel_shape[-n:], self.param_dtype)
             y = y + bias.astype(self.dtype)
+        if self.lora is not None and self.lora.rank > 0 and self.name in self.lora.targets:
+            y = y + self._adapter(x)
         return y
+
+    def _adapter(self, x: jax.Array) -> jax.Array:
+        """(alpha / rank) dropout(x) A B, A over the kernel's input (contracted) dims."""
+        inputs, _, out = self.equation.partition("->")
+        kernel_letters = inputs.split(",")[1]
+        n_in = sum(letter not in out for letter in kernel_letters)
+        rank = self.lora.rank
+        in_shape, out_shape = self.kernel_shape[:n_in], self.kernel_shape[n_in:]
+        in_axes, out_axes = self.kernel_axes[:n_in], self.kernel_axes[n_in:]
+        # PEFT's A: kaiming_uniform(a=sqrt(5)) over fan_in = the input dims, i.e.
+        # uniform(+-1/sqrt(fan_in)) = variance_scaling(1/3, fan_in, uniform).
+        a_init = nn.initializers.variance_scaling(
+            1 / 3, "fan_in", "uniform", in_axis=tuple(range(n_in)), out_axis=n_in
+        )
+        lora_a = self.param(
+            "lora_a", logical(a_init, (*in_axes, "lora_rank")), (*in_shape, rank), self.param_dtype
+        )
+        lora_b = self.param(
+            "lora_b",
+            logical(nn.initializers.zeros, ("lora_rank", *out_axes)),
+            (rank, *out_shape),
+            self.param_dtype,
+        )
+        x = nn.Dropout(self.lora.dropout)(x, deterministic=self.deterministic)
+        h = jnp.tensordot(x.astype(self.dtype), lora_a.astype(self.dtype), axes=n_in)
+        h = jnp.tensordot(h, lora_b.astype(self.dtype), axes=1)
+        return (self.lora.scale * h).astype(self.dtype)
 
 
 class GeluMlp(nn.Module):
@@ -96,11 +134,13 @@ class GeluMlp(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
     deterministic: bool = True
     use_bias: bool = True
+    lora: LoraConfig | None = None  # adapters on the projections it targets
 
     @nn.compact
     def __call__(self, x_BLD: jax.Array) -> jax.Array:
         d_model = x_BLD.shape[-1]
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw |= dict(lora=self.lora, deterministic=self.deterministic)
         h = EinsumDense(
             "bld,df->blf",
             (d_model, self.ff_dim),
@@ -142,11 +182,13 @@ class SwiGluMlp(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
     deterministic: bool = True
     use_bias: bool = False
+    lora: LoraConfig | None = None  # adapters on the projections it targets
 
     @nn.compact
     def __call__(self, x_BLD: jax.Array) -> jax.Array:
         d_model = x_BLD.shape[-1]
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw |= dict(lora=self.lora, deterministic=self.deterministic)
         bias_in = ("mlp",) if self.use_bias else ()
 
         def project_in(name: str) -> jax.Array:

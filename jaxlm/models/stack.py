@@ -18,10 +18,16 @@ REMAT_POLICIES = {
 
 
 def stack_layers(
-    block: type[nn.Module], c: ModelConfig, deterministic: bool, x: jax.Array, *args: Any
+    block: type[nn.Module],
+    c: ModelConfig,
+    deterministic: bool,
+    x: jax.Array,
+    *args: Any,
+    **attributes: Any,
 ) -> jax.Array:
     """`c.n_layers` blocks over `x`, scanned (one `layers`-axis param stack) or unrolled,
-    remat'ed by `c.remat`; `args` are broadcast to every block. Blocks return (x, None)."""
+    remat'ed by `c.remat`; `args` are broadcast to every block. Blocks return (x, None).
+    `attributes` are the block's further module fields (hashable; e.g. the decoder's lora)."""
     if c.remat != "none":
         block = nn.remat(block, policy=REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers)
     if c.scan_layers:
@@ -34,8 +40,8 @@ def stack_layers(
             length=c.n_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
-        x, _ = stack(c, deterministic, name="layers")(x, *args)
+        x, _ = stack(c, deterministic, name="layers", **attributes)(x, *args)
         return x
     for i in range(c.n_layers):
-        x, _ = block(c, deterministic, name=f"layers_{i}")(x, *args)
+        x, _ = block(c, deterministic, name=f"layers_{i}", **attributes)(x, *args)
     return x

@@ -3,6 +3,10 @@
 Weight decay applies to matrices only (kernels and embeddings), never to norm
 scales or biases; the mask goes by parameter name because scanned stacks give
 every parameter an extra leading axis, so rank alone can't tell them apart.
+
+With LoRA (`lora=True`) only the adapters (`lora_a`, `lora_b`) train: the frozen
+weights get `optax.set_to_zero` and no optimizer state, so the state holds Adam's
+moments of the adapters alone, and clipping and weight decay see the adapters only.
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ import optax
 
 from jaxlm.config import OptimConfig
 
-DECAYED = ("kernel", "embedding")
+DECAYED = ("kernel", "embedding", "lora_a", "lora_b")
+ADAPTERS = ("lora_a", "lora_b")
 
 
 def _param_name(path: tuple[Any, ...]) -> str:
@@ -24,6 +29,13 @@ def _param_name(path: tuple[Any, ...]) -> str:
 
 def decay_mask(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(lambda p, _: _param_name(p) in DECAYED, params)
+
+
+def trainable_labels(params: Any) -> Any:
+    """ "train" for a LoRA adapter, "frozen" for every other parameter."""
+    return jax.tree_util.tree_map_with_path(
+        lambda p, _: "train" if _param_name(p) in ADAPTERS else "frozen", params
+    )
 
 
 def make_schedule(config: OptimConfig, total_steps: int) -> optax.Schedule:
@@ -37,7 +49,9 @@ def make_schedule(config: OptimConfig, total_steps: int) -> optax.Schedule:
     )
 
 
-def make_optimizer(config: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(
+    config: OptimConfig, total_steps: int, lora: bool = False
+) -> optax.GradientTransformation:
     adamw = optax.adamw(
         make_schedule(config, total_steps),
         b1=config.b1,
@@ -46,6 +60,9 @@ def make_optimizer(config: OptimConfig, total_steps: int) -> optax.GradientTrans
         weight_decay=config.weight_decay,
         mask=decay_mask,
     )
+    tx = adamw
     if config.grad_clip > 0:
-        return optax.chain(optax.clip_by_global_norm(config.grad_clip), adamw)
-    return adamw
+        tx = optax.chain(optax.clip_by_global_norm(config.grad_clip), adamw)
+    if lora:
+        return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, trainable_labels)
+    return tx

@@ -57,6 +57,18 @@ def param_shapes(config: ModelConfig) -> Any:
     return jax.eval_shape(_init_fn(model, None, 1), jax.random.PRNGKey(0))
 
 
+def _without_empty_boxes(tree: Any) -> Any:
+    """`tree` with the logical-axis boxes that hold no array unwrapped: optax's masking
+    (LoRA's frozen weights, optim.py) puts an empty `MaskedNode` where a moment would be,
+    inside the param's box, which would otherwise get a sharding of its own."""
+
+    def unwrap(x: Any) -> Any:
+        empty = isinstance(x, nn.Partitioned) and not jax.tree_util.tree_leaves(x.value)
+        return x.value if empty else x
+
+    return jax.tree_util.tree_map(unwrap, tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
 def state_shardings(
     model: nn.Module,
     tx: optax.GradientTransformation | None,
@@ -66,7 +78,9 @@ def state_shardings(
 ) -> tuple[Any, Any]:
     """(abstract state with shardings attached, the shardings), checked against the mesh;
     with no optimizer (`tx` None), of the params alone."""
-    boxed = jax.eval_shape(_init_fn(model, tx, seq_len), jax.random.PRNGKey(0))
+    boxed = _without_empty_boxes(
+        jax.eval_shape(_init_fn(model, tx, seq_len), jax.random.PRNGKey(0))
+    )
     shardings = shd.logical_shardings(boxed, mesh, rules)
     shd.check_divisible(boxed, shardings)
     abstract = jax.tree_util.tree_map(
@@ -89,7 +103,9 @@ def abstract_state(
     the host's, so `attention: auto` resolves for the devices that will run it (TPU
     topology devices when `jaxlm compile` runs on a CPU host)."""
     platform = mesh.devices.flat[0].platform
-    model = build_model(config.model, deterministic, platform, config.train.seq_len)
+    model = build_model(
+        config.model, deterministic, platform, config.train.seq_len, lora=config.lora
+    )
     abstract, shardings = state_shardings(model, tx, config.train.seq_len, mesh, rules)
     return model, abstract, shardings
 

@@ -229,10 +229,14 @@ def train_steps(
 ) -> tuple[nn.Module, TrainState, TrainState, optax.GradientTransformation, tuple[InMesh, InMesh]]:
     """(model, abstract state, its shardings, optimizer, (train step, eval step)): what
     `train` runs, and `jaxlm compile` lowers, for `config` on `mesh`."""
-    tx = make_optimizer(config.optim, config.train.steps)
+    tx = make_optimizer(config.optim, config.train.steps, lora=config.lora.rank > 0)
     schedule = make_schedule(config.optim, config.train.steps)
     model, abstract, shardings = abstract_state(
-        config, mesh, rules, tx, deterministic=config.model.dropout == 0.0
+        config,
+        mesh,
+        rules,
+        tx,
+        deterministic=config.model.dropout == 0.0 and config.lora.dropout == 0.0,
     )
     objective = for_family(config.model.family)
     steps = jit_steps(
