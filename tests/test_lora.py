@@ -170,3 +170,31 @@ def test_bad_lora_keys_are_one_line_exit_2(overrides, message, tmp_path, capsys)
     assert main(["train", *TINY, *overrides, "--run-dir", str(tmp_path / "out")]) == 2
     assert capsys.readouterr().err == f"jaxlm: error: {message}\n"
     assert not (tmp_path / "out").exists()
+
+
+def test_init_from_fills_the_base_and_keeps_the_fresh_adapters(tmp_path):
+    """Fine-tuning a saved plain model with LoRA: the checkpoint has no adapters; its
+    weights replace the base, the adapters keep their init (B = 0: the run starts as
+    the checkpoint's function)."""
+    from jaxlm.model_dir import save_pretrained
+    from jaxlm.train.init_from import load_init_params
+
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    plain = _config()
+    saved = nn.meta.unbox(build_model(plain.model).init(jax.random.PRNGKey(1), tokens)["params"])
+    save_pretrained(tmp_path / "base", plain, saved)
+
+    config = _config("lora.rank=4", f"init_from={tmp_path / 'base'}")
+    model = build_model(config.model, lora=config.lora)
+    fresh = nn.meta.unbox(model.init(jax.random.PRNGKey(0), tokens)["params"])
+    loaded = load_init_params(config, fresh)
+    want = dict(jax.tree_util.tree_leaves_with_path(saved))
+    n_adapters = 0
+    for path, x in jax.tree_util.tree_leaves_with_path(loaded):
+        if _adapter(path):
+            n_adapters += 1
+            got = dict(jax.tree_util.tree_leaves_with_path(fresh))[path]
+            np.testing.assert_array_equal(x, got)
+        else:
+            np.testing.assert_array_equal(x, want[path])
+    assert n_adapters == 2 * len(config.lora.targets)  # A and B per target (scanned)

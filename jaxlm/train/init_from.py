@@ -15,6 +15,7 @@ model runs: RUN_FIELDS.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from flax import linen as nn
 
 from jaxlm.config import Config, load_config
 from jaxlm.errors import ConfigError, JaxlmError
+from jaxlm.models.lora import ADAPTER_NAMES
 from jaxlm.train.state import param_shapes
 
 HF_PREFIX = "hf:"
@@ -95,18 +97,37 @@ def check_same_shapes(source: dict[str, tuple], target: dict[str, tuple], where:
             )
 
 
+def _base(params: Any) -> Any:
+    """`params` without LoRA adapters: the tree a checkpoint of the plain model holds."""
+    if not isinstance(params, Mapping):
+        return params
+    return {k: _base(v) for k, v in params.items() if k not in ADAPTER_NAMES}
+
+
+def _with_adapters(base: Any, params: Any) -> Any:
+    """`base`'s weights, with the adapters of `params` put back beside them."""
+    if not isinstance(params, Mapping):
+        return base
+    return {k: v if k in ADAPTER_NAMES else _with_adapters(base[k], v) for k, v in params.items()}
+
+
 def load_init_params(config: Config, params: Any) -> Any:
     """The weights named by `config.init_from`, on the shardings of `params` (the
-    freshly initialised ones, which they replace)."""
+    freshly initialised ones, which they replace). With LoRA (`lora.rank` > 0) the
+    checkpoint is the base model: its weights replace the base, and the adapters keep
+    their init (B = 0, so training starts from the checkpoint's function)."""
     from jaxlm.hf import read_hf_params
     from jaxlm.model_dir import CONFIG_FILE, restore_params
 
     abstract = jax.tree_util.tree_map(
-        lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=p.sharding), params
+        lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=p.sharding), _base(params)
     )
     is_hf, directory = _source(config)
     if is_hf:  # names and shapes are checked tensor by tensor while reading
-        return read_hf_params(directory, config.model, abstract)
-    source = load_config(directory / CONFIG_FILE).model
-    check_same_shapes(_shapes(nn.meta.unbox(param_shapes(source))), _shapes(abstract), directory)
-    return restore_params(directory, abstract)
+        base = read_hf_params(directory, config.model, abstract)
+    else:
+        source = load_config(directory / CONFIG_FILE).model
+        shapes = _shapes(nn.meta.unbox(param_shapes(source)))
+        check_same_shapes(shapes, _shapes(abstract), directory)
+        base = restore_params(directory, abstract)
+    return _with_adapters(base, params)
