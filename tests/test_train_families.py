@@ -15,7 +15,7 @@ from .conftest import REPO, subprocess_env
 def jaxlm(*args: str) -> subprocess.CompletedProcess:
     """`jaxlm ARGS` as a user on a laptop runs it: one CPU device (the tests' 8 emulated
     devices would only slow these tiny models down)."""
-    env = subprocess_env(devices=1)
+    env = subprocess_env(devices=1, optimized=True)  # learning runs: hundreds of steps
     return subprocess.run(
         [sys.executable, "-m", "jaxlm.cli", *args],
         capture_output=True,
