@@ -16,7 +16,7 @@ import numpy as np
 import sentencepiece as spm
 
 from jaxlm.data.pipeline import READ_OPTIONS
-from jaxlm.data.sources import _read_text, jsonl_records, list_files
+from jaxlm.data.sources import jsonl_file_records
 from jaxlm.errors import JaxlmError
 
 Pair = tuple[str, str]
@@ -36,26 +36,22 @@ def read_pairs(
     """
     path_setting, source_setting, target_setting = settings
     pairs: list[Pair] = []
-    for file in list_files(path):
-        if file.suffix not in (".jsonl", ".json"):
-            raise JaxlmError(
-                f"data file {file}: seq2seq data must be JSONL records with fields "
-                f"{source_field!r} and {target_field!r}"
-            )
-        for number, record in jsonl_records(file, _read_text(file)):
-            values = [
-                record.get(f) if isinstance(record, dict) else None
-                for f in (source_field, target_field)
-            ]
-            for field, value in zip((source_field, target_field), values, strict=True):
-                if not isinstance(value, str):
-                    setting = source_setting if field == source_field else target_setting
-                    raise JaxlmError(
-                        f"data file {file}, line {number}: no string field {field!r} "
-                        f"(set {setting})"
-                    )
-            if values[0].strip() and values[1].strip():
-                pairs.append((values[0], values[1]))
+    expected = (
+        f"seq2seq data must be JSONL records with fields {source_field!r} and {target_field!r}"
+    )
+    for file, number, record in jsonl_file_records(path, expected):
+        values = [
+            record.get(f) if isinstance(record, dict) else None
+            for f in (source_field, target_field)
+        ]
+        for field, value in zip((source_field, target_field), values, strict=True):
+            if not isinstance(value, str):
+                setting = source_setting if field == source_field else target_setting
+                raise JaxlmError(
+                    f"data file {file}, line {number}: no string field {field!r} (set {setting})"
+                )
+        if values[0].strip() and values[1].strip():
+            pairs.append((values[0], values[1]))
     if not pairs:
         raise JaxlmError(f"{path_setting}: no source/target pairs at {path!r}")
     return pairs

@@ -41,7 +41,7 @@ from etils import epath
 
 from jaxlm.data import chat
 from jaxlm.data.pipeline import READ_OPTIONS, _rename
-from jaxlm.data.sources import _read_text, jsonl_records, list_files
+from jaxlm.data.sources import jsonl_file_records, list_files
 from jaxlm.errors import ConfigError, JaxlmError
 
 IGNORE_TARGET = -100  # a target the loss skips (any negative one is skipped)
@@ -142,15 +142,14 @@ def parse_record(file: str, line: int, record: Any, d: Any) -> Record:
 
 def read_records(path: str, d: Any) -> list[Record]:
     """Every example of the JSONL files at `path`, in file order."""
-    records: list[Record] = []
-    for file in list_files(path):
-        if file.suffix not in (".jsonl", ".json"):
-            raise JaxlmError(
-                f"data file {file}: supervised fine-tuning data must be JSONL records with "
-                f"a {d.messages_field!r} list or {d.prompt_field!r}/{d.completion_field!r} strings"
-            )
-        for line, record in jsonl_records(file, _read_text(file)):
-            records.append(parse_record(str(file), line, record, d))
+    expected = (
+        f"supervised fine-tuning data must be JSONL records with a {d.messages_field!r} "
+        f"list or {d.prompt_field!r}/{d.completion_field!r} strings"
+    )
+    records = [
+        parse_record(str(file), line, record, d)
+        for file, line, record in jsonl_file_records(path, expected)
+    ]
     if not records:
         raise JaxlmError(f"data.path: no examples at {path!r}")
     return records

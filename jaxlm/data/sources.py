@@ -58,6 +58,16 @@ def split_text(text: str, split: str) -> list[str]:
     return [p.strip("\n") for p in pieces if p.strip()]
 
 
+def jsonl_file_records(path: str, expected: str) -> Iterator[tuple[epath.Path, int, Any]]:
+    """(file, line number, parsed record) for every record of the JSONL files at `path`;
+    a file of another kind is refused as "data file F: `expected`"."""
+    for file in list_files(path):
+        if file.suffix not in (".jsonl", ".json"):
+            raise JaxlmError(f"data file {file}: {expected}")
+        for number, record in jsonl_records(file, _read_text(file)):
+            yield file, number, record
+
+
 def jsonl_records(file: epath.Path, text: str) -> Iterator[tuple[int, Any]]:
     """(line number, parsed record) for every non-blank line; bad JSON is named by line."""
     for number, line in enumerate(text.splitlines(), 1):
