@@ -8,14 +8,18 @@ A string gives a list of `num_return_sequences` dicts, a list of strings a list 
 lists, as Hugging Face's pipelines do, and the generation keywords are Hugging Face's:
 `max_new_tokens`, `do_sample` (greedy when False, the default), `temperature`,
 `top_k` (50 when sampling, as Hugging Face), `top_p`, `num_return_sequences`,
-`return_full_text` (text-generation only), plus `seed` and `stop_strings`.
+`return_full_text` (text-generation only), `truncation` (False: a prompt too long for
+the model is an error), plus `seed` and `stop_strings`.
 "text2text-generation" runs encoder-decoder (T5) models.
 
 Prompts are encoded by the model's tokenizer. With jaxlm's own sentencepiece tokenizers
 they follow training: BOS before a decoder's prompt, EOS after a T5 source and BOS to
 start its decoder; other tokenizers decide for themselves, as their `encode` does, and
 T5's decoder starts from pad, as Hugging Face's. The text ends after a
-stop string, which is kept, as Hugging Face keeps it.
+stop string, which is kept, as Hugging Face keeps it. With `truncation=True` a long
+prompt is cut as in training: a T5 source keeps its first `train.seq_len` tokens, a
+decoder's prompt its last ones, leaving room for `max_new_tokens` within `max_len`.
+`jaxlm eval --task` generates through this class, so scores are of the outputs users get.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ KEYWORDS = (
     "return_full_text",
     "seed",
     "stop_strings",
+    "truncation",
 )
 DEFAULTS: dict[str, Any] = dict(
     max_new_tokens=50,
@@ -53,6 +58,7 @@ DEFAULTS: dict[str, Any] = dict(
     return_full_text=True,
     seed=0,
     stop_strings=(),
+    truncation=False,
 )
 
 
@@ -93,8 +99,30 @@ class TextGenerationPipeline:
     def encoder_decoder(self) -> bool:
         return self.task == "text2text-generation"
 
-    def encode(self, text: str) -> list[int]:
+    @classmethod
+    def from_loaded(cls, loaded: Any, task: str | None = None) -> TextGenerationPipeline:
+        """A pipeline over an already loaded model (`load_pretrained`'s result); `task`
+        None picks it by the model's kind."""
+        from jaxlm.model_config import FAMILIES
+
+        kind = FAMILIES[loaded.config.model.family].kind
+        task = task or (TASKS[1] if kind == "encoder_decoder" else TASKS[0])
+        params = _on_one_device(loaded.params)
+        return cls(task, loaded.model, params, loaded.tokenizer, loaded.config)
+
+    def encode(self, text: str, truncate_for: int | None = None) -> list[int]:
+        """Prompt ids; `truncate_for` (max_new_tokens) cuts a long prompt to fit."""
         ids = list(self.tokenizer.encode(text))
+        if truncate_for is not None:  # the text is cut, a tokenizer's own BOS/EOS kept
+            bos, eos = self.tokenizer.bos_id(), self.tokenizer.eos_id()
+            head = ids[:1] if ids[:1] == [bos] else []
+            tail = ids[-1:] if len(ids) > len(head) and ids[-1:] == [eos] else []
+            body = ids[len(head) : len(ids) - len(tail)]
+            if self.encoder_decoder:  # a source of train.seq_len with EOS, as training
+                body = body[: self.config.train.seq_len - 1]
+            else:  # BOS, then room for the new tokens within max_len
+                body = body[-max(self.config.model.max_len - truncate_for - 1, 1) :]
+            ids = head + body + tail
         if _is_sentencepiece(self.tokenizer):
             if self.encoder_decoder and self.tokenizer.eos_id() >= 0:
                 ids = [*ids, self.tokenizer.eos_id()]
@@ -123,7 +151,8 @@ class TextGenerationPipeline:
                 "gives one sequence per input"
             )
         stops = [o["stop_strings"]] if isinstance(o["stop_strings"], str) else o["stop_strings"]
-        prompts = [self.encode(t) for t in texts]
+        cut = int(o["max_new_tokens"]) if o["truncation"] else None
+        prompts = [self.encode(t, cut) for t in texts]
         eos = self.tokenizer.eos_id()
         pad = max(self.tokenizer.pad_id(), 0)
         # jaxlm's T5 data starts the decoder from BOS; Hugging Face's T5 from pad.
@@ -184,10 +213,9 @@ def pipeline(
     if kind != want:
         article = "a decoder-only" if want == "decoder" else "an encoder-decoder"
         raise JaxlmError(f"{task} needs {article} model; {model} is {loaded.config.model.family}")
-    params = _on_one_device(loaded.params)
-    return TextGenerationPipeline(
-        task, loaded.model, params, loaded.tokenizer, loaded.config, dict(defaults)
-    )
+    pipe = TextGenerationPipeline.from_loaded(loaded, task)
+    pipe.defaults = dict(defaults)
+    return pipe
 
 
 class _CallableModule(types.ModuleType):

@@ -1,7 +1,9 @@
-"""Text generated for scoring: greedy continuations of each source, in batches.
+"""Text generated for scoring: greedy outputs of each source, in batches.
 
-Prompts follow the training conventions: a decoder sees BOS + source and continues
-it; T5 encodes source + EOS and its decoder starts from BOS, as in data/seq2seq.py.
+Generation goes through `jaxlm.pipeline`'s TextGenerationPipeline, the code users call,
+so a score is of the text they get: the same prompt encoding (BOS + prompt for a
+decoder; source + EOS for T5, whose decoder starts from BOS), the same decoding of the
+output (without the prompt, EOS and pad), and long prompts cut as in training.
 """
 
 from __future__ import annotations
@@ -10,10 +12,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from tqdm import tqdm
-
-from jaxlm import sharding as shd
-from jaxlm.generation import generate_ids
-from jaxlm.model_config import FAMILIES
 
 
 def generate_texts(
@@ -24,32 +22,16 @@ def generate_texts(
     batch_size: int = 8,
 ) -> list[str]:
     """One greedy output per source, without the prompt and without EOS."""
-    model, params, tokenizer, config = pretrained
-    mesh, rules = shd.make_mesh(config.mesh), shd.logical_rules(config.mesh)
-    encdec = FAMILIES[config.model.family].kind == "encoder_decoder"
-    budget = config.train.seq_len - 1  # the source length the model was trained on
-    eos, bos = tokenizer.eos_id(), tokenizer.bos_id()
+    from jaxlm.pipeline import TextGenerationPipeline
+
+    pipe = TextGenerationPipeline.from_loaded(pretrained)
+    keywords: dict[str, Any] = {"max_new_tokens": max_new_tokens, "truncation": True}
+    if not pipe.encoder_decoder:
+        keywords["return_full_text"] = False
     outputs: list[str] = []
     starts = range(0, len(sources), batch_size)
     # disable=None: a bar on a terminal, nothing in logs
     for start in tqdm(starts, "generating", disable=None, leave=False):
-        chunk = sources[start : start + batch_size]
-        if encdec:
-            prompts = [[*tokenizer.encode(s)[:budget], eos] for s in chunk]
-        else:
-            room = config.model.max_len - max_new_tokens - 1
-            prompts = [[bos, *tokenizer.encode(s)[-room:]] for s in chunk]
-        result = generate_ids(
-            model,
-            params,
-            prompts,
-            max_new_tokens=max_new_tokens,
-            eos_id=eos,
-            pad_id=tokenizer.pad_id(),
-            decoder_start_id=bos,
-            mesh=mesh,
-            rules=rules,
-        )
-        for ids in result.tokens:
-            outputs.append(tokenizer.decode([t for t in ids if t != eos]))
+        chunk = list(sources[start : start + batch_size])
+        outputs += [rows[0]["generated_text"] for rows in pipe(chunk, **keywords)]
     return outputs
