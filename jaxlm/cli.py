@@ -129,7 +129,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for flag in ("batch_size", "max_new_tokens"):
         if getattr(args, flag) < 1:
             raise JaxlmError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be positive")
-    if args.predictions:  # scores of given outputs: no model needed
+    if args.predictions and (args.data or args.pairs) and not args.task:
+        raise JaxlmError("--predictions FILE holds the references; --data and --pairs do not apply")
+    if args.task:  # a bundled task (jaxlm/evaluation/tasks.py), or --data in its format
+        from jaxlm.evaluation.tasks import evaluate_task
+
+        if args.pairs:
+            raise JaxlmError("--task reads its own data (or --data FILE); --pairs does not apply")
+        results, title = evaluate_task(
+            args.task,
+            model=args.model,
+            data=args.data,
+            predictions=args.predictions,
+            max_examples=args.max_examples,
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size,
+            overrides=args.config,
+            write_predictions=args.write_predictions,
+        )
+    elif args.predictions:  # scores of given outputs: no model needed
         flags = ("--predictions", "--prediction-field", "--reference-field")
         pairs = read_pairs(args.predictions, args.prediction_field, args.reference_field, flags)
         results = overlap_scores([p for p, _ in pairs], [r for _, r in pairs])
@@ -313,17 +331,23 @@ def build_parser() -> argparse.ArgumentParser:
         "eval", help="perplexity, bits/byte, MLM accuracy, BLEU and ROUGE of a model"
     )
     ev.add_argument("model", nargs="?", help="run, model or Hugging Face directory")
+    ev.add_argument(
+        "--task",
+        help="summarization, qa, translation or dialogue: the task's metrics on its bundled "
+        "test split (or --data FILE in its format); with --predictions, JSONL of id/prediction",
+    )
+    ev.add_argument("--write-predictions", help="--task: also write the outputs (id/prediction)")
     what = ev.add_mutually_exclusive_group()
     what.add_argument(
         "--data", help="text set for loss metrics (default: the run's held-out split)"
     )
     what.add_argument("--pairs", help="JSONL of source/reference pairs: generate, then BLEU/ROUGE")
-    what.add_argument("--predictions", help="JSONL of prediction/reference pairs: BLEU/ROUGE only")
+    ev.add_argument("--predictions", help="JSONL of prediction/reference pairs: BLEU/ROUGE only")
     ev.add_argument("--json", help="also write the results to this JSON file")
     ev.add_argument("--batch-size", type=int, default=8)
     ev.add_argument("--seq-len", type=int, default=0, help="0 = the training length")
     ev.add_argument("--max-batches", type=int, default=0, help="0 = the whole set")
-    ev.add_argument("--max-examples", type=int, default=0, help="--pairs: 0 = all")
+    ev.add_argument("--max-examples", type=int, default=0, help="--pairs, --task: 0 = all")
     ev.add_argument("--max-new-tokens", type=int, default=64)
     ev.add_argument("--source-field", default="src")
     ev.add_argument("--reference-field", default="tgt")
