@@ -18,6 +18,13 @@ from typing import Any
 import jax
 
 from jaxlm import sharding as shd
+from jaxlm.aot_estimate import (
+    COLLECTIVES,
+    PEAK_BF16_TFLOPS,
+    StepEstimate,
+    estimate_from_compiled,
+    summarize_hlo,
+)
 from jaxlm.config import Config
 from jaxlm.errors import JaxlmError
 
@@ -140,6 +147,33 @@ class CompileReport:
     largest: list[ArrayLayout] = field(default_factory=list)
     kernels: list[str] = field(default_factory=list)  # Pallas/Mosaic kernels in the step
     error: str = ""  # the compiler's out-of-memory message, when it gave up
+    # (count, bytes per chip) per collective kind in one step of the compiled program
+    collectives: dict[str, tuple[int, int]] = field(default_factory=dict)
+    estimate: StepEstimate | None = None  # the cost model's whole-step figures
+
+    @property
+    def chips(self) -> int:
+        return self.topology.chips * self.slices
+
+    @property
+    def peak_flops(self) -> float:
+        """Dense bf16 peak of one chip, FLOP/s."""
+        return PEAK_BF16_TFLOPS[GENERATIONS[self.topology.generation][0]] * 1e12
+
+    @property
+    def tokens_per_s_per_chip(self) -> float:
+        e = self.estimate
+        if not e or not e.ok:
+            return 0.0
+        return self.batch_size * self.seq_len / self.chips / e.seconds
+
+    @property
+    def mfu(self) -> float:
+        """Model FLOPs (training's MFU formula) per chip over (estimated time x peak)."""
+        e = self.estimate
+        if not e or not e.ok:
+            return 0.0
+        return self.flops_per_step / self.chips / (e.seconds * self.peak_flops)
 
     @property
     def total_bytes(self) -> int:
@@ -182,14 +216,65 @@ def _layouts(abstract: Any, top: int) -> list[ArrayLayout]:
     return sorted(out, key=lambda a: -math.prod(a.shape))[:top]
 
 
-def compile_train_step(
-    config: Config, topology: Topology, slices: int = 1, top: int = 6
-) -> CompileReport:
-    """Lower and compile one train step of `config` for `slices` x `topology`."""
-    from jaxlm.model_config import flops_per_token
+# Compiler flags of the estimate compile only: on v5e XLA turns FSDP gathers and gradient
+# reduce-scatters into windowed-einsum loops, whose bodies the cost model counts once.
+ESTIMATE_COMPILER_OPTIONS = {
+    "xla_tpu_enable_windowed_einsum_for_all_gather": False,
+    "xla_tpu_enable_windowed_einsum_for_reduce_scatter": False,
+}
+
+
+def _lower(config: Config, mesh: Any, rules: Any) -> tuple[Any, Any, Any]:
+    """The trainer's jitted step, lowered for abstract state and batch on `mesh`."""
     from jaxlm.train.objectives import for_family
-    from jaxlm.train.state import count_params
     from jaxlm.train.step import batch_shardings, train_steps
+
+    t_cfg = config.train
+    _, abstract, _, _, (step, _) = train_steps(config, mesh, rules)
+    objective = for_family(config.model.family)
+    in_batch = batch_shardings(mesh, rules, objective.batch_ranks)
+    shapes = objective.batch_shapes(t_cfg.batch_size, t_cfg.seq_len, config.data.target_len)
+    batch = {
+        k: jax.ShapeDtypeStruct(shape, "int32", sharding=in_batch[k]) for k, shape in shapes.items()
+    }
+    return step.lower(abstract, batch), abstract, batch
+
+
+def _estimate(
+    config: Config, compiled: Any, loops: list[int | None], mesh: Any, rules: Any
+) -> StepEstimate:
+    """Whole-step cost figures. XLA counts a loop body once, so a program with loops (a
+    scanned layer stack, gradient accumulation, windowed einsums) is compiled again
+    without them: layers unrolled (model.scan_layers=false), one microbatch of
+    batch/grad_accum rows whose cost is multiplied by grad_accum (the optimizer update is
+    then counted grad_accum times), and windowed einsums off."""
+    if not any(t != 1 for t in loops):
+        how = "the compiled program itself (no loops)"
+        return estimate_from_compiled(compiled, how, loops=loops)
+    accum = config.train.grad_accum
+    flat = config.replace(
+        model={"scan_layers": False},
+        train={"grad_accum": 1, "batch_size": config.train.batch_size // accum},
+    )
+    how = "a second compile with layers unrolled (model.scan_layers=false), windowed einsums off"
+    if accum > 1:
+        how += f", one microbatch x {accum}"
+    lowered, _, _ = _lower(flat, mesh, rules)
+    try:
+        again = lowered.compile(ESTIMATE_COMPILER_OPTIONS)
+    except jax.errors.JaxRuntimeError as err:
+        first = str(err).splitlines()[0][:200]
+        return StepEstimate(method=how, unavailable=f"the unrolled compile failed: {first}")
+    return estimate_from_compiled(again, how, scale=accum)
+
+
+def compile_train_step(
+    config: Config, topology: Topology, slices: int = 1, top: int = 6, estimate: bool = False
+) -> CompileReport:
+    """Lower and compile one train step of `config` for `slices` x `topology`; with
+    `estimate`, also the cost model's whole-step time (may cost a second compile)."""
+    from jaxlm.model_config import flops_per_token
+    from jaxlm.train.state import count_params
 
     if config.model.vocab_size == 0:  # no tokenizer here: it will have exactly this many
         config = config.replace(model={"vocab_size": config.tokenizer.vocab_size})
@@ -200,13 +285,7 @@ def compile_train_step(
     data = shd.batch_sharding(mesh, rules)
     shd.check_batch(t_cfg.batch_size, data, t_cfg.seq_len, t_cfg.grad_accum)
 
-    _, abstract, _, _, (step, _) = train_steps(config, mesh, rules)
-    objective = for_family(config.model.family)
-    in_batch = batch_shardings(mesh, rules, objective.batch_ranks)
-    shapes = objective.batch_shapes(t_cfg.batch_size, t_cfg.seq_len, config.data.target_len)
-    batch = {
-        k: jax.ShapeDtypeStruct(shape, "int32", sharding=in_batch[k]) for k, shape in shapes.items()
-    }
+    lowered, abstract, batch = _lower(config, mesh, rules)
     report = CompileReport(
         topology=topology,
         slices=slices,
@@ -219,7 +298,6 @@ def compile_train_step(
     )
     tokens = t_cfg.batch_size * t_cfg.seq_len
     report.flops_per_step = flops_per_token(config.model, report.n_params, t_cfg.seq_len) * tokens
-    lowered = step.lower(abstract, batch)
     report.kernels = sorted(set(re.findall(r'kernel_name = "([^"]+)"', lowered.as_text())))
     try:
         compiled = lowered.compile()
@@ -243,6 +321,10 @@ def compile_train_step(
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     report.xla_flops_per_chip = float(cost.get("flops", 0.0)) if cost else 0.0
+    summary = summarize_hlo(compiled.as_text())
+    report.collectives = summary.collectives
+    if estimate:
+        report.estimate = _estimate(config, compiled, summary.loops, mesh, rules)
     return report
 
 
@@ -258,6 +340,91 @@ def _batch_line(r: CompileReport) -> str:
             f"(train.grad_accum={r.grad_accum})"
         )
     return f"{line} (train.grad_accum=1)"
+
+
+def _collective_lines(r: CompileReport) -> list[str]:
+    lines = ["collectives per step, per chip (optimized HLO; a loop body x its trip count):"]
+    for kind in COLLECTIVES:
+        n, nbytes = r.collectives.get(kind, (0, 0))
+        lines.append(f"  {kind:<19} {n:>7,}  {_gib(nbytes)}")
+    return lines
+
+
+def _estimate_lines(r: CompileReport) -> list[str]:
+    e = r.estimate
+    if e is None:
+        return []
+    head = "compiler's estimates (libtpu's cost model, not a measurement)"
+    if not e.ok:
+        return [f"{head}: estimate unavailable: {e.unavailable}"]
+    peak = r.peak_flops
+    model = r.flops_per_step / r.chips
+    fix = (
+        f" (raw {e.seconds_raw:.4g} s + {e.concat_bitcasts} ConcatBitcast calls "
+        "the cost model prices at -1 s each)"
+        if e.concat_bitcasts
+        else ""
+    )
+    lines = [
+        f"{head}, from {e.method}:",
+        f"  step time        {e.seconds:.4g} s{fix}",
+        f"  tokens/s/chip    {r.tokens_per_s_per_chip:,.0f}",
+        f"  MFU              {100 * r.mfu:.1f}% (model FLOPs per chip / (time x "
+        f"{peak / 1e12:.0f} TFLOP/s bf16 peak))",
+        f"  FLOPs per chip   XLA {e.xla_flops:.3e}, model {model:.3e} "
+        f"(XLA/model {e.xla_flops / model:.2f})",
+        f"  bytes accessed   {e.bytes_accessed / 1e9:.1f} GB per chip",
+    ]
+    if r.kernels:
+        lines.append(
+            "  not priced: the Pallas kernels above have no cost estimate, so their FLOPs "
+            "and time are missing from these figures"
+        )
+    return lines
+
+
+def report_json(r: CompileReport) -> dict[str, Any]:
+    """The report's figures as plain JSON values (`jaxlm compile --json`)."""
+    e = r.estimate
+    return {
+        "topology": r.topology.name,
+        "libtpu_topology": r.topology.libtpu_name,
+        "slices": r.slices,
+        "chips": r.chips,
+        "mesh": r.mesh,
+        "n_params": r.n_params,
+        "batch_size": r.batch_size,
+        "seq_len": r.seq_len,
+        "grad_accum": r.grad_accum,
+        "kernels": r.kernels,
+        "error": r.error,
+        "fits": r.fits,
+        "hbm_bytes": r.topology.hbm_bytes,
+        "memory_bytes": {
+            "arguments": r.argument_bytes,
+            "outputs_not_donated": r.output_bytes - r.alias_bytes,
+            "temporaries": r.temp_bytes,
+            "code": r.code_bytes,
+            "total": r.total_bytes,
+        },
+        "model_flops_per_step": r.flops_per_step,
+        "xla_flops_per_chip_compiled": r.xla_flops_per_chip,
+        "collectives": {k: {"count": n, "bytes": b} for k, (n, b) in r.collectives.items()},
+        "peak_bf16_flops_per_chip": r.peak_flops,
+        "estimate": None
+        if e is None
+        else {
+            "method": e.method,
+            "unavailable": e.unavailable,
+            "step_seconds": e.seconds if e.ok else None,
+            "optimal_seconds_raw": e.seconds_raw,
+            "concat_bitcast_calls": e.concat_bitcasts,
+            "tokens_per_s_per_chip": r.tokens_per_s_per_chip if e.ok else None,
+            "mfu": r.mfu if e.ok else None,
+            "xla_flops_per_chip": e.xla_flops,
+            "bytes_accessed_per_chip": e.bytes_accessed,
+        },
+    }
 
 
 def format_report(r: CompileReport) -> str:
@@ -291,9 +458,10 @@ def format_report(r: CompileReport) -> str:
             f"({100 * r.total_bytes / r.topology.hbm_bytes:.0f}%)",
             f"FLOPs per step: {r.flops_per_step:.3e} (6N + attention), "
             f"{r.flops_per_step / (r.topology.chips * r.slices):.3e} per chip; "
-            f"XLA counts {r.xla_flops_per_chip:.3e} per chip (a scanned layer once"
-            + (f", one of the {r.grad_accum} microbatches)" if r.grad_accum > 1 else ")"),
+            f"XLA counts {r.xla_flops_per_chip:.3e} per chip in this program (a loop body "
+            "once: a scanned layer, one microbatch)",
         ]
+        lines += _collective_lines(r) + _estimate_lines(r)
     lines.append("largest arrays (global shape, partition spec -> per-chip shard):")
     for a in r.largest:
         lines.append(f"  {a.path:<40} {a.dtype:<8} {a.shape!s:<20} {a.spec} -> {a.shard_shape}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import json
 import os
 import sys
 
@@ -84,7 +85,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    from jaxlm.aot import compile_train_step, format_report, parse_topology
+    from jaxlm.aot import compile_train_step, format_report, parse_topology, report_json
     from jaxlm.config import load_config
 
     config_path, overrides = _split_overrides(args.config)
@@ -92,8 +93,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
     if args.slices < 1:
         raise JaxlmError(f"--slices {args.slices}: must be at least 1")
     config = load_config(config_path, overrides)
-    report = compile_train_step(config, topology, args.slices)
-    print(format_report(report))
+    report = compile_train_step(config, topology, args.slices, estimate=not args.no_estimate)
+    print(json.dumps(report_json(report)) if args.json else format_report(report))
     return 0 if report.fits else 1
 
 
@@ -325,6 +326,12 @@ def build_parser() -> argparse.ArgumentParser:
     aot.add_argument("config", nargs="+", help="CONFIG.yaml followed by key=value overrides")
     aot.add_argument("--topology", required=True, help="e.g. v5p-128, v5e-16, v5e-2x2")
     aot.add_argument("--slices", type=int, default=1, help="multislice: number of slices")
+    aot.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    aot.add_argument(
+        "--no-estimate",
+        action="store_true",
+        help="memory only: skip the step-time estimate (a scanned step compiles twice for it)",
+    )
     aot.set_defaults(func=cmd_compile)
 
     ev = sub.add_parser(

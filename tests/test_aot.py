@@ -1,5 +1,6 @@
 """`jaxlm compile`: the real train step compiled for a TPU slice by libtpu, on this CPU."""
 
+import json
 import math
 import subprocess
 import sys
@@ -43,10 +44,16 @@ def _tiny(*overrides):
     return load_config(None, [*TINY, "model.vocab_size=512", *overrides])
 
 
-def test_sharding_divides_the_state_across_chips():
+@pytest.fixture(scope="module")
+def fsdp():
+    """The tiny model's scanned step, FSDP over a v5e-2x2, with the whole-step estimate."""
+    v5e = parse_topology("v5e-2x2")
+    return compile_train_step(_tiny("mesh.data=1", "mesh.fsdp=4"), v5e, top=1000, estimate=True)
+
+
+def test_sharding_divides_the_state_across_chips(fsdp):
     """FSDP keeps 1/4 of the state per chip, data parallelism all of it; donation aliases it."""
     v5e = parse_topology("v5e-2x2")
-    fsdp = compile_train_step(_tiny("mesh.data=1", "mesh.fsdp=4"), v5e, top=1000)
     dp = compile_train_step(_tiny("mesh.data=4", "mesh.strategy=data"), v5e, top=1000)
     assert fsdp.fits and dp.fits
     state_fsdp = sum(a.shard_bytes for a in fsdp.largest)
@@ -120,3 +127,122 @@ def test_default_attention_compiles_the_splash_kernel_for_tpu():
         _tiny(*llama, "mesh.data=1", "mesh.fsdp=4", "model.attention=einsum"), v5e
     )
     assert einsum.kernels == []
+
+
+def test_compile_reports_the_compilers_whole_step_estimate(fsdp):
+    """What `jaxlm compile` prints (and --json) for the scanned tiny gpt2: the estimate
+    covers both layers. The hand formula: 6 N' T + 12 L d S T, N' = parameters without the
+    position table; N = V d + M d + L (12 d^2 + 13 d) + 2 d (tied, with biases)."""
+    from jaxlm.aot import format_report, report_json
+
+    v, m, d, layers, seq, rows, chips = 512, 64, 64, 2, 64, 8, 4
+    out = json.loads(json.dumps(report_json(fsdp)))
+    n = v * d + m * d + layers * (12 * d * d + 13 * d) + 2 * d
+    assert out["n_params"] == n
+    model = (6 * (n - m * d) + 12 * layers * d * seq) * rows * seq
+    assert out["model_flops_per_step"] == pytest.approx(model)
+    est = out["estimate"]
+    assert est["unavailable"] == "" and "unrolled" in est["method"]
+    seconds = est["step_seconds"]
+    assert 0 < seconds < 1
+    assert est["tokens_per_s_per_chip"] == pytest.approx(rows * seq / chips / seconds)
+    assert est["mfu"] == pytest.approx(model / chips / (seconds * 197e12))
+    # The scanned program counts one layer of two; the estimate's program both (XLA also
+    # counts the optimizer and the loss, so a little more than the model's matmuls).
+    assert out["xla_flops_per_chip_compiled"] < 0.8 * model / chips
+    assert 0.95 < est["xla_flops_per_chip"] / (model / chips) < 1.3
+    assert out["collectives"]["all-gather"]["count"] > 0
+    text = format_report(fsdp)
+    assert "compiler's estimates (libtpu's cost model, not a measurement)" in text
+    for line in ("step time", "tokens/s/chip", "MFU", "all-gather", "reduce-scatter"):
+        assert f"\n  {line}" in text
+
+
+# A hand-written module: a loop of 3 iterations gathering 2x8 f32 (64 B) per iteration,
+# an async all-reduce of 4 bf16, a reduce-scatter to 4 f32 over groups of 4, and TPU's
+# fused reduce-scatter (an all-reduce of 16 f32 and a dynamic slice) run twice by a call.
+HLO = """HloModule jit_train_step, entry_computation_layout={(f32[2,2]{1,0})->f32[]}
+
+%cond (p: (s32[], f32[2,8])) -> pred[] {
+  %p = (s32[], f32[2,8]{1,0}) parameter(0)
+  %i = s32[]{:T(128)} get-tuple-element(%p), index=0
+  %limit = s32[]{:T(128)} constant(3)
+  ROOT %lt = pred[]{:T(512)} compare(%i, %limit), direction=LT
+}
+
+%body (p.1: (s32[], f32[2,8])) -> (s32[], f32[2,8]) {
+  %p.1 = (s32[], f32[2,8]{1,0}) parameter(0)
+  %x = f32[2,2]{1,0:T(2,128)} get-tuple-element(%p.1), index=1
+  %ag = f32[2,8]{1,0:T(2,128)} all-gather(%x), replica_groups={{0,1,2,3}}, dimensions={1}
+  ROOT %t = (s32[], f32[2,8]{1,0}) tuple(%i, %ag)
+}
+
+%all-reduce-scatter.3 (input.3: f32[16]) -> f32[4] {
+  %input.3 = f32[16]{0:T(128)} parameter(0)
+  %all-reduce.9 = f32[16]{0:T(128)} all-reduce(%input.3), replica_groups=[1,4]<=[4], to_apply=%add
+  ROOT %ds = f32[4]{0} dynamic-slice(%all-reduce.9, %off), dynamic_slice_sizes={4}
+}
+
+%twice (q: f32[16]) -> f32[4] {
+  %q = f32[16]{0} parameter(0)
+  ROOT %fusion.3 = f32[4]{0:T(128)} fusion(%q), kind=kCustom, calls=%all-reduce-scatter.3
+}
+
+ENTRY %main (a: f32[2,2]) -> f32[] {
+  %a = f32[2,2]{1,0} parameter(0)
+  %w = (s32[], f32[2,8]{1,0}) while(%init), condition=%cond, body=%body
+  %ars = bf16[4]{0} all-reduce-start(%b), channel_id=2, replica_groups={{0,1,2,3}}, to_apply=%add
+  %ard = bf16[4]{0} all-reduce-done(%ars)
+  %rs = f32[4]{0} reduce-scatter(%c), channel_id=3, replica_groups={{0,1,2,3}}, dimensions={0}
+  %c1 = f32[4]{0} call(%q16), to_apply=%twice
+  %c2 = f32[4]{0} call(%q16), to_apply=%twice
+  ROOT %r = f32[] constant(0)
+}
+"""
+
+
+def test_collectives_are_counted_by_how_often_they_run():
+    from jaxlm.aot_estimate import summarize_hlo
+
+    s = summarize_hlo(HLO)
+    assert s.loops == [3]
+    assert s.collectives["all-gather"] == (3, 3 * 2 * 8 * 4)
+    assert s.collectives["all-reduce"] == (1, 4 * 2)
+    assert s.collectives["reduce-scatter"] == (1 + 2, 4 * 4 * 4 + 2 * 16 * 4)
+    assert s.collectives["collective-permute"] == (0, 0)
+
+
+class _Compiled:
+    def __init__(self, seconds: float, text: str) -> None:
+        self.seconds, self.text = seconds, text
+
+    def cost_analysis(self) -> dict:
+        return {"optimal_seconds": self.seconds, "flops": 1e9, "bytes accessed": 1e6}
+
+    def as_text(self) -> str:
+        return self.text
+
+
+def test_nonsense_cost_model_times_are_not_printed_as_times():
+    from jaxlm.aot_estimate import estimate_from_compiled
+
+    two = 'custom-call(), custom_call_target="ConcatBitcast"\n' * 2
+    fixed = estimate_from_compiled(_Compiled(-1.982, two), "test")
+    assert fixed.ok and fixed.seconds == pytest.approx(0.018)  # -1 s per call added back
+    for bad in (_Compiled(-3.0, two), _Compiled(0.0, ""), _Compiled(0.5, HLO)):
+        est = estimate_from_compiled(bad, "test")
+        assert not est.ok and est.unavailable
+    assert "while loop" in estimate_from_compiled(_Compiled(0.5, HLO), "t").unavailable
+
+
+@pytest.mark.parametrize("name", ["v4-8", "v5e-4", "v5p-8", "v6e-4"])
+def test_compile_peak_is_the_trainers_peak_for_the_same_chip(name):
+    """The estimate's MFU and a run's logged MFU divide by the same per-chip peak."""
+    from jaxlm.aot import CompileReport, topology_devices
+    from jaxlm.train.metrics import PEAK_TFLOPS
+
+    topology = parse_topology(name)
+    kind = topology_devices(topology)[0].device_kind.lower()
+    trainer = next(t for k, t in PEAK_TFLOPS.items() if k in kind)  # the trainer's lookup
+    report = CompileReport(topology=topology, slices=1, mesh={}, n_params=0)
+    assert report.peak_flops == trainer * 1e12
