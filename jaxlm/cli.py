@@ -145,6 +145,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             max_examples=args.max_examples,
             max_new_tokens=args.max_new_tokens,
             batch_size=args.batch_size,
+            seq_len=args.seq_len,
             overrides=args.config,
             write_predictions=args.write_predictions,
         )

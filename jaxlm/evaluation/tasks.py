@@ -248,11 +248,13 @@ def evaluate_task(
     max_examples: int = 0,
     max_new_tokens: int = 64,
     batch_size: int = 8,
+    seq_len: int = 0,
     overrides: Sequence[str] = (),
     write_predictions: str | None = None,
 ) -> tuple[dict[str, Any], str]:
     """(results, title) of a task: `predictions` scored, or `model`'s greedy outputs
-    (for dialogue, its perplexity on the assistant turns)."""
+    (for dialogue, its perplexity on the assistant turns, conversations cut to `seq_len`
+    tokens, 0 = the model's training length, as SFT cuts them)."""
     task = get_task(name)
     examples, records = read_task(name, data)
     source = data or str(task_file(name))
@@ -273,7 +275,8 @@ def evaluate_task(
     if max_examples:
         examples, records = examples[:max_examples], records[:max_examples]
     if not task.generated:
-        return _dialogue_perplexity(loaded, records, source, batch_size), f"{model} on {name}"
+        results = _dialogue_perplexity(loaded, records, source, batch_size, seq_len)
+        return results, f"{model} on {name} ({source})"
 
     from jaxlm.evaluation.generated import generate_texts
 
@@ -291,7 +294,7 @@ def evaluate_task(
 
 
 def _dialogue_perplexity(
-    loaded: Any, records: Sequence[dict], source: str, batch_size: int
+    loaded: Any, records: Sequence[dict], source: str, batch_size: int, seq_len: int
 ) -> dict[str, Any]:
     from jaxlm.data import sft
     from jaxlm.evaluation.model_eval import evaluate_model
@@ -299,7 +302,14 @@ def _dialogue_perplexity(
     # The task's fields, the model's own chat template and train_on.
     d = dataclasses.replace(loaded.config.data, messages_field="messages")
     parsed = [sft.parse_record(source, i, r, d) for i, r in enumerate(records, 1)]
-    got = evaluate_model(loaded, parsed, batch_size=batch_size)
+    n = seq_len or loaded.config.train.seq_len
+    encode = sft.Encoder(loaded.tokenizer, d, sft.resolve_template(d, loaded.tokenizer)[0])
+    if not any(encode(r)[1][1 : n + 1].any() for r in parsed):
+        raise JaxlmError(
+            f"{source}: no conversation has an assistant token within its first {n} tokens; "
+            f"raise --seq-len (at most the model's max_len {loaded.config.model.max_len})"
+        )
+    got = evaluate_model(loaded, parsed, batch_size=batch_size, seq_len=seq_len)
     return {
         "task": "dialogue",
         "conversations": len(parsed),
