@@ -5,6 +5,7 @@ context) and `jaxlm eval --task`: scoring given predictions, generating through
 import json
 import math
 
+import jax
 import numpy as np
 import pytest
 
@@ -12,8 +13,8 @@ from jaxlm.cli import main
 from jaxlm.evaluation import tasks
 
 from .conftest import REPO
-from .test_eval import SEQ, make_model_dir
 
+SEQ = 64
 SMALL = ["model.d_model=32", "model.n_layers=1", "model.n_heads=2"]
 SHARED = REPO.parent / "shared" / "data"
 
@@ -163,11 +164,24 @@ def test_bad_task_input_is_one_line(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def gpt_dir(tmp_path_factory):
+    """A tiny randomly initialised GPT saved as a model directory (init jitted: one
+    compile instead of op-by-op dispatch)."""
+    from jaxlm.config import load_config
     from jaxlm.data.sources import read_documents
+    from jaxlm.data.tokenizer import cached_tokenizer
+    from jaxlm.models import build_model
+    from jaxlm.pretrained import save_pretrained
 
-    from .conftest import CORPUS
+    from .conftest import CORPUS, TINY
 
-    return make_model_dir(tmp_path_factory.mktemp("gpt"), SMALL, read_documents(str(CORPUS))[:600])
+    path = tmp_path_factory.mktemp("gpt")
+    config = load_config(None, [*TINY, *SMALL, "name=tasks", "model.vocab_size=512"])
+    cached_tokenizer(read_documents(str(CORPUS))[:600], path / "tokenizer.model", 512, "bpe")
+    model = build_model(config.model)
+    init = jax.jit(model.init)
+    params = init(jax.random.PRNGKey(1), np.zeros((1, SEQ), np.int32))["params"]
+    save_pretrained(path, config, jax.tree_util.tree_map(np.asarray, params))
+    return path
 
 
 def test_generated_outputs_are_the_pipelines(gpt_dir, tmp_path):
@@ -235,6 +249,7 @@ def test_dialogue_perplexity_is_of_the_assistant_turns(gpt_dir, tmp_path):
     # Reference: each conversation alone through the model, log-softmax in NumPy, summed
     # over the targets that are assistant tokens (the content and its closing EOS).
     model, params, tok, _ = load_pretrained(gpt_dir)
+    forward = jax.jit(lambda x, pos: model.apply({"params": params}, x, None, pos))
     total, count = 0.0, 0
     for conv in convs:
         ids, weights = chat.encode_chat(tok, chat.DEFAULT_CHAT_TEMPLATE, conv["messages"])
@@ -244,7 +259,7 @@ def test_dialogue_perplexity_is_of_the_assistant_turns(gpt_dir, tmp_path):
         x[0, :n] = ids[:-1]
         positions = np.zeros((1, SEQ), np.int32)
         positions[0, :n] = np.arange(n)
-        logits = np.asarray(model.apply({"params": params}, x, None, positions), np.float64)[0, :n]
+        logits = np.asarray(forward(x, positions), np.float64)[0, :n]
         top = logits.max(-1, keepdims=True)
         logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
         at = np.asarray(weights[1:]) > 0
