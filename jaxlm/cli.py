@@ -92,6 +92,14 @@ def cmd_compile(args: argparse.Namespace) -> int:
     topology = parse_topology(args.topology)
     if args.slices < 1:
         raise JaxlmError(f"--slices {args.slices}: must be at least 1")
+    if args.search:
+        from jaxlm.aot_search import format_search, search
+
+        results = search(
+            config_path, overrides, topology, args.space or [], args.budget_s, args.slices
+        )
+        print(format_search(results, topology.hbm_bytes))
+        return 0 if any(r.get("fits") for _, r in results) else 1
     config = load_config(config_path, overrides)
     report = compile_train_step(config, topology, args.slices, estimate=not args.no_estimate)
     print(json.dumps(report_json(report)) if args.json else format_report(report))
@@ -332,6 +340,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-estimate",
         action="store_true",
         help="memory only: skip the step-time estimate (a scanned step compiles twice for it)",
+    )
+    aot.add_argument(
+        "--search",
+        action="store_true",
+        help="compile remat x mesh x per-chip batch candidates, rank by est. tokens/s/chip",
+    )
+    aot.add_argument(
+        "--space",
+        action="append",
+        help="--search grid: KEY=V1,V2 (model.remat, mesh=fsdp,data, batch=rows per chip, "
+        "train.grad_accum, any config key); repeatable",
+    )
+    aot.add_argument(
+        "--budget-s", type=float, default=1800.0, help="--search: stop starting compiles after"
     )
     aot.set_defaults(func=cmd_compile)
 

@@ -246,3 +246,50 @@ def test_compile_peak_is_the_trainers_peak_for_the_same_chip(name):
     trainer = next(t for k, t in PEAK_TFLOPS.items() if k in kind)  # the trainer's lookup
     report = CompileReport(topology=topology, slices=1, mesh={}, n_params=0)
     assert report.peak_flops == trainer * 1e12
+
+
+def test_search_stops_at_its_budget_and_caches_by_config(tmp_path):
+    """A 1 s budget compiles the first candidate only; a rerun with none left reads it
+    from the cache (keyed by the resolved config) and still skips the other."""
+    from jaxlm.aot_search import search
+
+    small = [*TINY, "model.vocab_size=512", "model.n_layers=1", "model.scan_layers=false"]
+    v5e = parse_topology("v5e-2x2")
+    space = ["model.remat=none,full", "mesh=fsdp"]
+    logs: list[str] = []
+    first = search(None, small, v5e, space, 1.0, cache_dir=tmp_path, log=logs.append)
+    assert [line.split("]")[1].split(":")[0].strip() for line in logs] == ["compiling", "skipped"]
+    assert len(list(tmp_path.glob("*.json"))) == 1
+    (words, record), (_, skipped) = first
+    assert words[0] == "model.remat=none" and record["fits"] and skipped == {}
+    assert record["estimate"]["step_seconds"] > 0
+    logs.clear()
+    again = search(None, small, v5e, space, 0.0, cache_dir=tmp_path, log=logs.append)
+    assert ["cached" in line for line in logs] == [True, False]
+    assert again[0] == (words, record)
+
+
+def test_search_ranking_puts_fitting_fast_setups_first():
+    from jaxlm.aot_search import format_search, rank
+
+    def rec(fits, seconds, gib):
+        est = {"step_seconds": seconds, "tokens_per_s_per_chip": 1000 / seconds, "mfu": 0.5}
+        return {"fits": fits, "estimate": est, "memory_bytes": {"total": gib * GIB}}
+
+    results = [
+        (["a"], rec(False, 0.1, 20)),  # fastest, but does not fit
+        (["b"], rec(True, 0.4, 4)),
+        (["c"], rec(True, 0.2, 12)),
+        (["d"], {"fits": True, "estimate": {"unavailable": "x"}, "memory_bytes": {"total": 0}}),
+    ]
+    ranked = rank(results)
+    assert [w[0] for w, _ in ranked] == ["c", "b", "d", "a"]
+    assert format_search(ranked, 16 * GIB).splitlines()[-1] == "best: c"
+
+
+def test_search_refuses_a_bad_space_before_compiling(capsys):
+    from jaxlm.cli import main
+
+    args = ["compile", *TINY, "--topology", "v5e-2x2", "--search", "--space", "mesh=ring"]
+    assert main(args) == 2
+    assert "--space 'mesh=ring': unknown mesh 'ring'" in capsys.readouterr().err
