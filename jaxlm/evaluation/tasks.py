@@ -1,21 +1,26 @@
 """The evaluation tasks, in one registry: each task's record format, prompt convention
 and metrics (`jaxlm eval MODEL --task NAME`; data in data/tasks/, see its README).
 
-| task          | record fields (JSONL, one a line)                  | metric                  |
-|---------------|----------------------------------------------------|-------------------------|
-| summarization | id, document, summary, [references]                | ROUGE-1/2/L (stemmed)   |
-| qa            | id, context, qas: [{id, question, answers: {text,  | SQuAD exact match, F1   |
-|               | answer_start}}] (SQuAD's layout: one passage a line) |                       |
-| translation   | id, src (English), tgt (German)                    | sacrebleu BLEU, chrF    |
-| dialogue      | id, messages (the SFT chat format)                 | assistant-turn perplexity |
+- summarization: {id, document, summary, [references]}; prompt `summarize: DOC`;
+  ROUGE-1/2/L F (stemmed, best of the references).
+- qa: {id, context, qas: [{id, question, answers: {text, answer_start}}]} (SQuAD's
+  layout, one passage a line); prompt `context: PASSAGE question: Q`; SQuAD exact match
+  and F1 (best of the answers).
+- translation: {id, src (English), tgt (German)}; prompt
+  `translate English to German: SRC`; sacrebleu BLEU and chrF.
+- dialogue: {id, messages} (the SFT chat format); the chat template; perplexity of the
+  assistant turns.
 
-One prompt convention serves fine-tuning and evaluation, and T5 and decoders alike (T5's
-own task prefixes): the model reads `prompt` and is trained to write `target`, as a T5
+One prompt convention serves fine-tuning and evaluation, T5 and decoders alike (T5's
+task prefixes): the model reads `prompt` and is trained to write `target`, as a T5
 source/target pair or an SFT prompt/completion pair (`training_records`). Evaluation
 generates greedily from `prompt` through `jaxlm.pipeline`, so the prompt is encoded as
-`jaxlm generate` encodes it. Dialogue is not generated: the model's perplexity on the
-assistant turns of held-out conversations (rendered by the chat template, as SFT trains
-on them) is its score.
+`jaxlm generate` encodes it. QA puts the passage before the question, as the issue's
+"context + question -> answer": a decoder's prompt cut to fit (from the left) keeps
+the question; a T5 source is cut from the right, so T5 wants a `train.seq_len` that
+holds the passages. Dialogue is not generated: the model's perplexity on the assistant
+turns of held-out conversations (rendered by the chat template, as SFT trains on them)
+is its score.
 """
 
 from __future__ import annotations
@@ -95,7 +100,8 @@ def _qa(record: dict, where: str) -> list[Example]:
                     f"{at}: answer {text!r} is not in the context at answer_start {start!r}"
                     + (f" (the context there reads {found!r})" if found is not None else "")
                 )
-        prompt = f"question: {qa['question']} context: {context}"
+        # the passage first: a decoder's prompt cut to fit keeps the question
+        prompt = f"context: {context} question: {qa['question']}"
         examples.append(Example(qa["id"], prompt, texts[0], tuple(texts)))
     return examples
 
