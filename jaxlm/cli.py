@@ -114,6 +114,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if args.direction == "from-hf":
         out = convert_from_hf(args.source, args.out)
         print(f"wrote {out}: config.yaml, tokenizer, params/ (train with init_from={out})")
+    elif args.direction == "to-peft":
+        from jaxlm.hf.peft import export_peft
+
+        out = export_peft(args.source, args.out, args.base)
+        print(f"wrote {out}: adapter_config.json, adapter_model.safetensors (PEFT)")
     else:
         if args.max_shard_mb <= 0:
             raise JaxlmError(f"--max-shard-mb {args.max_shard_mb}: must be positive")
@@ -428,7 +433,10 @@ def build_parser() -> argparse.ArgumentParser:
     to_hf = conv_sub.add_parser("to-hf", help="jaxlm run or model directory -> HF directory")
     to_hf.add_argument("source", help="run directory or model directory")
     to_hf.add_argument("--max-shard-mb", type=int, default=5120, help="safetensors shard size")
-    for conv in (from_hf, to_hf):
+    to_peft = conv_sub.add_parser("to-peft", help="LoRA run -> its adapter alone, PEFT format")
+    to_peft.add_argument("source", help="LoRA run directory")
+    to_peft.add_argument("--base", help="base_model_name_or_path (default: init_from=hf:'s)")
+    for conv in (from_hf, to_hf, to_peft):
         conv.add_argument("out", help="output directory")
         conv.set_defaults(func=cmd_convert, config=[])
     return parser

@@ -44,6 +44,7 @@ class LoraConfig:
     alpha: float = 16.0
     dropout: float = 0.0  # on the adapter's input only, as PEFT's lora_dropout
     targets: list[str] = field(default_factory=lambda: ["query", "value"])
+    init_from: str = ""  # a PEFT adapter directory the adapters start from (jaxlm/hf/peft.py)
 
     @property
     def scale(self) -> float:
@@ -51,7 +52,7 @@ class LoraConfig:
 
     def frozen(self) -> LoraConfig:
         """A hashable copy (targets as a tuple), for a Flax module attribute."""
-        return dataclasses.replace(self, targets=tuple(self.targets))
+        return dataclasses.replace(self, targets=tuple(self.targets), init_from="")
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,10 @@ def _source(config: Config) -> tuple[bool, Path]:
 
 
 def check_init_from(config: Config) -> None:
-    """Refuse an `init_from` that names nothing loadable, before any work."""
+    """Refuse an `init_from` that names nothing loadable, or a `lora.init_from` adapter
+    that does not fit the model, before any work."""
+    if config.lora.init_from and not config.init_from:
+        raise ConfigError("lora.init_from", "needs init_from, the base the adapter was made for")
     if not config.init_from:
         return
     is_hf, directory = _source(config)
@@ -49,6 +52,13 @@ def check_init_from(config: Config) -> None:
     if not (directory / wanted).is_file():
         kind = "a Hugging Face directory" if is_hf else "a run or model directory"
         raise ConfigError("init_from", f"{directory} is not {kind} (no {wanted})")
+    if config.lora.init_from:
+        from jaxlm.hf.peft import check_peft_adapter
+
+        if not config.lora.rank:
+            raise ConfigError("lora.init_from", "needs lora.rank (the adapter's rank)")
+        model = resolve_init_from(config).model
+        check_peft_adapter(config.lora.init_from, model, config.lora)
 
 
 def resolve_init_from(config: Config) -> Config:
@@ -115,7 +125,8 @@ def load_init_params(config: Config, params: Any) -> Any:
     """The weights named by `config.init_from`, on the shardings of `params` (the
     freshly initialised ones, which they replace). With LoRA (`lora.rank` > 0) the
     checkpoint is the base model: its weights replace the base, and the adapters keep
-    their init (B = 0, so training starts from the checkpoint's function)."""
+    their init (B = 0, so training starts from the checkpoint's function), or, with
+    `lora.init_from`, are the PEFT adapter's there."""
     from jaxlm.hf import read_hf_params
     from jaxlm.model_dir import CONFIG_FILE, restore_params
 
@@ -130,4 +141,9 @@ def load_init_params(config: Config, params: Any) -> Any:
         shapes = _shapes(nn.meta.unbox(param_shapes(source)))
         check_same_shapes(shapes, _shapes(abstract), directory)
         base = restore_params(directory, abstract)
-    return _with_adapters(base, params)
+    params = _with_adapters(base, params)
+    if config.lora.init_from:
+        from jaxlm.hf.peft import load_peft_adapter
+
+        params = load_peft_adapter(config.lora.init_from, config.model, config.lora, params)
+    return params
