@@ -4,13 +4,14 @@ transformers-made Llama (grouped kv heads) and GPT-2 (fused c_attn, Conv1D) mode
 - export: a LoRA run with random non-zero adapters, written by `jaxlm convert to-peft`
   and loaded by `peft.PeftModel.from_pretrained`, gives jaxlm's logits (1e-4), with
   exactly the adapter keys PEFT's model has; `jaxlm convert to-hf` of the same run
-  (adapters merged) loaded by transformers gives them too;
+  (adapters merged) loaded by transformers gives them too; the adapter imports back;
 - import: an adapter made by peft itself (random B, another alpha, `alpha_pattern`,
   `use_rslora`, GPT-2's fused `c_attn`) loaded with `lora.init_from` gives the
   PeftModel's logits;
 - bad adapters are one line each.
 """
 
+import dataclasses
 import json
 import shutil
 
@@ -158,6 +159,16 @@ def test_exported_adapter_and_merged_model_give_jaxlm_logits(hf_dirs, tmp_path, 
         _torch_logits(_hf_model(tmp_path / "merged"), tokens), ours, atol=1e-4
     )
     assert np.abs(ours - base_logits).max() > 1e-2  # the adapters do something
+
+    # ... and imports back: GPT-2's rank-2r c_attn splits into query's and value's
+    back = dataclasses.replace(lora, init_from=str(tmp_path / "adapter"))
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+    reloaded = load_init_params(config.replace(lora=back), zeros)
+    np.testing.assert_allclose(np.asarray(logits(reloaded, tokens)), ours, atol=1e-5)
+    if family == "gpt2":  # value's rows of c_attn's B are not zero: it must be a target
+        unlisted = dataclasses.replace(lora, targets=["query", "out", "fc_in", "fc_out"])
+        with pytest.raises(JaxlmError, match="adapts jaxlm's 'value', which lora.targets"):
+            check_peft_adapter(tmp_path / "adapter", config.model, unlisted)
 
 
 def _peft_adapter(hf_dir, out, **settings):

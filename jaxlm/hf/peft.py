@@ -13,9 +13,12 @@ the architecture's own (its `Link`s: jaxlm/hf/llama.py, gpt2.py). GPT-2 fuses qu
 key and value into one `c_attn`: separate rank-r adapters on k of them are exactly one
 rank-(k r) adapter on `c_attn` (A stacked, B block-diagonal), written with `rank_pattern`
 and `alpha_pattern` so its scale stays alpha / r. A PEFT adapter on `c_attn` of rank r
-is, the other way, the same A on query, key and value with B's three row blocks.
+is, the other way, the same A on query, key and value with B's three row blocks; one of
+another rank imports when each projection's rows of B use exactly r of its columns
+(jaxlm's own export does), those columns of A and B being its adapter.
 
-Import checks everything against the safetensors header before reading a tensor. A
+Import checks everything before the model is built: names and shapes from the
+safetensors header, and for a fused `c_attn` of another rank its B's columns. A
 scale differing from `lora.alpha / lora.rank` (another alpha, `alpha_pattern`,
 `use_rslora`) is folded into B, so the imported model computes the adapter's function.
 """
@@ -180,6 +183,7 @@ class _Import:
     a: str
     b: str
     factor: float
+    columns: tuple[int, ...] | None = None  # of A's rows / B's columns; None: all
 
 
 def _pattern(patterns: dict[str, Any], module: str, default: Any) -> Any:
@@ -235,45 +239,81 @@ def _plan(directory: str | Path, m: ModelConfig, lora: LoraConfig) -> list[_Impo
                 f"{weights_file}: tensor {name} adapts {module}, which jaxlm has no LoRA "
                 f"target for ({m.family}: {known})"
             )
-        for site in by_module[module][0]:
-            if site.target not in lora.targets:
-                raise JaxlmError(
-                    f"{weights_file}: tensor {name} adapts jaxlm's {site.target!r}, which "
-                    f"lora.targets does not list ({', '.join(lora.targets)})"
-                )
         found.setdefault(module, {})[which] = name
     plan: list[_Import] = []
-    for module, (group, layer) in by_module.items():
-        wanted = [s for s in group if s.target in lora.targets]
-        if not wanted:
-            continue
-        names = found.get(module, {})
-        if set(names) != {"A", "B"}:
-            raise JaxlmError(
-                f"{weights_file}: no lora_{'B' if 'A' in names else 'A'} for {module} "
-                f"(lora.targets lists {wanted[0].target!r})"
-            )
-        a_shape, b_shape = shapes[names["A"]], shapes[names["B"]]
-        d_in, d_out = projection_dims(m, wanted[0].target)
-        rank = a_shape[0]
-        if rank != lora.rank:
-            raise JaxlmError(f"{weights_file}: {module} has rank {rank}, lora.rank is {lora.rank}")
-        expected = ((rank, d_in), (d_out * wanted[0].parts, rank))
-        if (a_shape, b_shape) != expected:
-            raise JaxlmError(
-                f"{weights_file}: {module}'s lora_A, lora_B are {a_shape}, {b_shape}; the "
-                f"model's {wanted[0].target!r} needs {expected[0]}, {expected[1]}"
-            )
-        alpha = float(_pattern(cfg.get("alpha_pattern") or {}, module, cfg.get("lora_alpha", 8)))
-        scale = alpha / (math.sqrt(rank) if cfg.get("use_rslora") else rank)
-        for site in wanted:
-            plan.append(_Import(site, layer, names["A"], names["B"], scale / lora.scale))
+    with safe_open(str(weights_file), framework="numpy") as handle:
+        for module, (group, layer) in by_module.items():
+            names = found.get(module, {})
+            wanted = [s for s in group if s.target in lora.targets]
+            if not wanted and not names:
+                continue
+            if wanted and set(names) != {"A", "B"}:
+                raise JaxlmError(
+                    f"{weights_file}: no lora_{'B' if 'A' in names else 'A'} for {module} "
+                    f"(lora.targets lists {wanted[0].target!r})"
+                )
+            tensor = names.get("A") or names["B"]
+            if not wanted:
+                raise _unlisted(weights_file, tensor, group[0].target, lora)
+            a_shape, b_shape = shapes[names["A"]], shapes[names["B"]]
+            d_in, d_out = projection_dims(m, group[0].target)
+            rank = a_shape[0]
+            expected = ((rank, d_in), (d_out * group[0].parts, rank))
+            if (a_shape, b_shape) != expected:
+                raise JaxlmError(
+                    f"{weights_file}: {module}'s lora_A, lora_B are {a_shape}, {b_shape}; the "
+                    f"model's {group[0].target!r} needs {expected[0]}, {expected[1]}"
+                )
+            columns = _columns(handle, names["B"], group, wanted, rank, lora.rank)
+            if isinstance(columns, str):
+                raise _unlisted(weights_file, tensor, columns, lora)
+            if columns is None and rank != lora.rank:
+                raise JaxlmError(
+                    f"{weights_file}: {module} has rank {rank}, lora.rank is {lora.rank}"
+                )
+            alpha = _pattern(cfg.get("alpha_pattern") or {}, module, cfg.get("lora_alpha", 8))
+            scale = float(alpha) / (math.sqrt(rank) if cfg.get("use_rslora") else rank)
+            for site in wanted:
+                cols = columns[site.target] if columns else None
+                plan.append(_Import(site, layer, names["A"], names["B"], scale / lora.scale, cols))
     return plan
 
 
+def _unlisted(weights_file: Path, tensor: str, target: str, lora: LoraConfig) -> JaxlmError:
+    return JaxlmError(
+        f"{weights_file}: tensor {tensor} adapts jaxlm's {target!r}, which lora.targets "
+        f"does not list ({', '.join(lora.targets)})"
+    )
+
+
+def _columns(
+    handle: Any, b_name: str, group: list[Site], wanted: list[Site], rank: int, lora_rank: int
+) -> dict[str, tuple[int, ...]] | str | None:
+    """For a module fused from several projections (GPT-2's c_attn) whose adapter is not
+    simply rank `lora_rank` on all of them: the columns of A / B each wanted projection
+    uses (its B rows' non-zero columns, exactly `lora_rank` of them), or the name of a
+    projection with non-zero rows that `lora.targets` leaves out. None: all columns (or,
+    unfused, a rank the caller refuses)."""
+    if group[0].parts == 1 or (rank == lora_rank and len(wanted) == len(group)):
+        return None
+    b = handle.get_tensor(b_name)
+    width = b.shape[0] // group[0].parts
+    out: dict[str, tuple[int, ...]] = {}
+    for site in group:
+        used = np.flatnonzero(np.any(b[site.part * width : (site.part + 1) * width] != 0, 0))
+        if site not in wanted:
+            if used.size:
+                return site.target
+        elif rank != lora_rank:
+            if used.size != lora_rank:
+                return None
+            out[site.target] = tuple(int(c) for c in used)
+    return out or None
+
+
 def check_peft_adapter(directory: str | Path, m: ModelConfig, lora: LoraConfig) -> None:
-    """Refuse a PEFT adapter directory that does not fit `m` with `lora`, reading only
-    its config and the safetensors header."""
+    """Refuse a PEFT adapter directory that does not fit `m` with `lora`, reading its
+    config, the safetensors header and (GPT-2's fused c_attn only) B."""
     _plan(directory, m, lora)
 
 
@@ -297,6 +337,8 @@ def load_peft_adapter(directory: str | Path, m: ModelConfig, lora: LoraConfig, p
             b = handle.get_tensor(item.b).astype(np.float32)  # (out * parts, r)
             width = b.shape[0] // item.site.parts
             b = b[item.site.part * width : (item.site.part + 1) * width] * item.factor
+            if item.columns is not None:
+                a, b = a[list(item.columns)], b[:, list(item.columns)]
             a_shape = host[a_key].shape[1:] if index is not None else host[a_key].shape
             b_shape = host[b_key].shape[1:] if index is not None else host[b_key].shape
             a_value, b_value = a.T.reshape(a_shape), b.T.reshape(b_shape)
