@@ -91,7 +91,7 @@ def compile_case(case: Case, extra: list[str], timeout: int) -> dict:
 
 def row(name: str, case: Case, r: dict) -> str:
     if "memory_bytes" not in r:
-        return f"| {name} | {r.get('error', '?')} |" + " |" * 11
+        return f"| {name} | {r.get('error', '?')} |" + " |" * (HEAD.count("|") - 3)
     est = r["estimate"] or {}
     mem = r["memory_bytes"]["total"]
     fits = "yes" if r["fits"] else "no (OOM)" if r["error"] else "no"
