@@ -70,6 +70,34 @@ def pytest_configure(config):
     assert jax.device_count() == 8, "tests need 8 emulated devices; JAX was imported too early"
 
 
+# The modules with the longest runs (subprocess pairs, CLI learning runs), longest first.
+# pytest-xdist hands whole files to its workers in collection order (pyproject turns off
+# its reordering by test count), so starting these first lets the workers finish
+# together instead of one running a long file alone at the end.
+SLOWEST_FIRST = [
+    "test_multihost.py",
+    "test_gcs_emulator.py",
+    "test_reliability.py",
+    "test_bert.py",
+    "test_observe.py",
+    "test_train.py",
+    "test_t5.py",
+    "test_train_families.py",
+    "test_eval.py",
+    "test_mesh_restore.py",
+    "test_sharding.py",
+    "test_grad_accum.py",
+    "test_sft.py",
+    "test_lora.py",
+    "test_bad_input.py",
+]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: keeps the rest
+
+
 @pytest.fixture
 def tiny_config() -> Config:
     """A model small enough to compile and train in seconds on 2 cores."""
