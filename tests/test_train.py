@@ -18,7 +18,14 @@ def trained(tmp_path_factory):
 
     config = load_config(
         None,
-        [*TINY, "name=learn", "train.steps=120", "train.eval_every=60", "train.log_every=20"],
+        [
+            *TINY,
+            "name=learn",
+            "train.steps=120",
+            "train.eval_every=60",
+            "train.log_every=20",
+            "checkpoint.every=40",
+        ],
     )
     run_dir = tmp_path_factory.mktemp("learn")
     return train(config, run_dir, progress=False), run_dir
@@ -66,7 +73,7 @@ def test_run_directory_contents(trained):
     assert saved == result.config and saved.model.vocab_size == 512
     assert (run_dir / "tokenizer.model").is_file()
     steps = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
-    assert steps == [110, 115, 120]  # every 5, keep 3
+    assert steps == [40, 80, 120]  # every 40, keep 3
 
 
 def test_resume_is_exact(tiny_config, tmp_path):
