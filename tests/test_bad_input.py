@@ -1,14 +1,15 @@
 """More wrong input through the CLI: each is one line naming the problem, exit code 2,
 no traceback, and nothing written. (The config, data and tokenizer cases of
-`jaxlm train` are in test_cli.py.)"""
+`jaxlm train`, as a real process, are in test_cli.py.)"""
 
 import json
 import shutil
 
 import pytest
 
-from .conftest import TINY
-from .test_cli import jaxlm
+from jaxlm.cli import main
+
+from .conftest import REPO, TINY
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -82,9 +83,13 @@ CASES = [
 @pytest.mark.parametrize(
     "args, message", CASES, ids=[c[0][0] + str(i) for i, c in enumerate(CASES)]
 )
-def test_bad_input_is_one_line_and_writes_nothing(inputs, args, message):
-    out = jaxlm(*[a.format(d=inputs) for a in args])
-    assert out.returncode == 2, out.stderr[-2000:]
-    assert out.stderr.startswith(f"jaxlm: error: {message.format(d=inputs)}")
-    assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
+def test_bad_input_is_one_line_and_writes_nothing(inputs, args, message, capsys, monkeypatch):
+    """In this process (`main` returns what the `jaxlm` script exits with); the exit
+    code and stderr of a real `jaxlm` process are checked in test_cli.py."""
+    monkeypatch.chdir(REPO)
+    code = main([a.format(d=inputs) for a in args])
+    err = capsys.readouterr().err
+    assert code == 2, err[-2000:]
+    assert err.startswith(f"jaxlm: error: {message.format(d=inputs)}")
+    assert err.count("\n") == 1 and "Traceback" not in err
     assert not (inputs / "out").exists()
