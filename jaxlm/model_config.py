@@ -22,7 +22,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 MODEL_CHOICES = {
     "norm": ("layernorm", "rmsnorm"),
-    "mlp": ("gelu", "swiglu", "relu"),
+    "mlp": ("gelu", "swiglu", "relu", "geglu"),
     "position": ("learned", "rope", "relative"),
     "attention": ("einsum", "dot_product", "flash", "splash", "auto"),
 }
@@ -74,7 +74,7 @@ class ModelConfig:
     dropout: float = 0.0
     layer_norm_eps: float = 1e-5  # of LayerNorm or RMSNorm
     norm: str = ""  # layernorm | rmsnorm
-    mlp: str = ""  # gelu | swiglu | relu (T5)
+    mlp: str = ""  # gelu | swiglu | relu (T5) | geglu (T5 v1.1's gated tanh-GELU)
     # learned (a table of max_len) | rope (from the packed positions) | relative (T5's bias)
     position: str = ""
     rope_base: float = 10000.0
@@ -102,6 +102,7 @@ class ModelConfig:
     n_decoder_layers: int = 0
     relative_buckets: int = 32
     relative_max_distance: int = 128
+    d_kv: int = 0  # t5 only: the heads' width (0 = d_model // n_heads; T5 v1.1 differs)
     type_vocab_size: int = 2  # bert only: token-type (segment A/B) embedding rows
     nsp_head: bool = True  # bert only: pooler + next-sentence head (False: MLM only)
 
@@ -122,7 +123,7 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        return self.d_kv or self.d_model // self.n_heads
 
     @property
     def kv_heads(self) -> int:
@@ -135,6 +136,7 @@ def check(ok: bool, key: str, message: str) -> None:
 
 
 def _check_t5(m: ModelConfig) -> None:
+    check(m.d_kv >= 0, "model.d_kv", "must be >= 0 (0 = d_model // n_heads)")
     check(m.n_decoder_layers >= 0, "model.n_decoder_layers", "must be >= 0 (0 = n_layers)")
     check(m.relative_buckets >= 4, "model.relative_buckets", "must be at least 4")
     check(
@@ -229,7 +231,7 @@ FAMILIES: dict[str, Family] = {
 # shapes follow from them.
 ATTENTION_PROJECTIONS = ("query", "key", "value", "out")
 MLP_PROJECTIONS = {"gelu": ("fc_in", "fc_out"), "relu": ("fc_in", "fc_out")}
-MLP_PROJECTIONS["swiglu"] = ("gate", "up", "down")
+MLP_PROJECTIONS["swiglu"] = MLP_PROJECTIONS["geglu"] = ("gate", "up", "down")
 
 
 def lora_targets(m: ModelConfig) -> tuple[str, ...]:
@@ -297,7 +299,7 @@ def validate_model(m: ModelConfig) -> ModelConfig:
     check(m.vocab_size >= 0, "model.vocab_size", "must be >= 0 (0 = tokenizer's size)")
     check(m.d_ff >= 0, "model.d_ff", "must be >= 0 (0 = the family's width)")
     check(
-        m.d_model % m.n_heads == 0,
+        m.d_kv > 0 or m.d_model % m.n_heads == 0,
         "model.n_heads",
         f"d_model {m.d_model} is not divisible by n_heads {m.n_heads}",
     )
@@ -332,6 +334,11 @@ def validate_model(m: ModelConfig) -> ModelConfig:
         "scales RoPE, so it needs model.position=rope",
     )
     check(m.sliding_window >= 0, "model.sliding_window", "must be >= 0 (0 = off)")
+    check(
+        m.d_kv == 0 or family.kind == "encoder_decoder",
+        "model.d_kv",
+        "sets the heads' width of an encoder-decoder (t5) only; leave it 0",
+    )
     if m.attention in ("flash", "splash"):  # kernel limits; seq_len is checked when traced
         check(
             m.attention != "flash" or m.sliding_window == 0,

@@ -13,6 +13,10 @@ What makes it T5 and not a GPT-2 turned sideways:
 - no biases anywhere, a ReLU MLP, and no 1/sqrt(head_dim) on the scores (T5 folds it
   into the query's initialisation).
 
+T5 v1.1 / flan-t5 are options of the same model: `mlp=geglu` (the gated tanh-GELU),
+`tie_embeddings=false` (a separate head, no rescaling) and `d_kv` (heads narrower or
+wider than d_model / n_heads); jaxlm/hf/t5.py maps both to Hugging Face's T5.
+
 The layers are an unrolled Python loop, not `nn.scan`: the first layer owns the shared
 relative-bias table, so the layers are not all alike. `remat` still wraps each block.
 Dropout, when configured, follows T5 (embeddings, each residual branch, final norm).

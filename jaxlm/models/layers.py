@@ -197,7 +197,7 @@ class SwiGluMlp(nn.Module):
             )(x_BLD)
             return nn.with_logical_constraint(h, ("batch", "length", "mlp"))
 
-        h = jax.nn.silu(project_in("gate")) * project_in("up")
+        h = self.activate(project_in("gate")) * project_in("up")
         h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
         out = EinsumDense(
             "blf,fd->bld",
@@ -210,5 +210,16 @@ class SwiGluMlp(nn.Module):
         )(h)
         return nn.Dropout(self.dropout)(out, deterministic=self.deterministic)
 
+    def activate(self, h: jax.Array) -> jax.Array:
+        return jax.nn.silu(h)
 
-MLPS = {"gelu": GeluMlp, "swiglu": SwiGluMlp, "relu": ReluMlp}
+
+class GeGluMlp(SwiGluMlp):
+    """T5 v1.1's (flan-t5's) gated feed-forward: down(gelu(gate(x)) * up(x)), with the
+    tanh GELU Hugging Face calls `gelu_new` (wi_0 = gate, wi_1 = up, wo = down)."""
+
+    def activate(self, h: jax.Array) -> jax.Array:
+        return jax.nn.gelu(h, approximate=True)
+
+
+MLPS = {"gelu": GeluMlp, "swiglu": SwiGluMlp, "relu": ReluMlp, "geglu": GeGluMlp}
