@@ -208,6 +208,8 @@ FAMILIES: dict[str, Family] = {
         kind="encoder_decoder",
         objective="seq2seq",
         data="seq2seq",
+        hf="t5",
+        hf_architectures=("T5ForConditionalGeneration",),
         check=_check_t5,
     ),
     # Post-LN with exact GELU (models/encoder.py), MLM + NSP heads.

@@ -1,4 +1,4 @@
-"""Hugging Face checkpoints in and out: GPT-2, Llama and BERT.
+"""Hugging Face checkpoints in and out: GPT-2, Llama, BERT and T5.
 
 - `load_hf_pretrained(HF_DIR)`: a Hugging Face directory (`config.json`,
   `*.safetensors`, a tokenizer) as `model, params, tokenizer, config`, streamed tensor
@@ -11,7 +11,7 @@
   LoRA run is written with its adapters merged into the weights (models/lora.py).
 
 Only numpy, safetensors and tokenizers are needed: no torch, no transformers. Each
-architecture module (gpt2.py, llama.py, bert.py) holds the config.json <-> ModelConfig
+architecture module (gpt2.py, llama.py, bert.py, t5.py) holds the config.json <-> ModelConfig
 mapping and the tensor `Link`s; links.py does the reading and writing.
 """
 
@@ -53,6 +53,9 @@ HF_TOKENIZER_FILES = (
     "chat_template.jinja",  # transformers >= 4.50 keeps the chat template here
 )
 ARCHITECTURE_FIELDS = ("family", "norm", "mlp", "position", "use_bias", "tie_embeddings")
+# T5's sentencepiece model, read when a directory has no tokenizer.json (it lacks the
+# <extra_id_N> sentinels transformers appends; tokenizer.json lists them).
+SPIECE = "spiece.model"
 
 
 def _mapping(family: Family) -> ModuleType:
@@ -108,6 +111,8 @@ def read_hf_params(directory: str | Path, model: ModelConfig, abstract: Any) -> 
             )
     links = module.links(m)
     with TensorReader(directory, module.rename) as reader:
+        if hasattr(module, "stored_links"):  # links that depend on what the file holds
+            links = module.stored_links(links, reader.names())
         check_tensors(
             reader,
             links,
@@ -120,10 +125,18 @@ def read_hf_params(directory: str | Path, model: ModelConfig, abstract: Any) -> 
 
 
 def _tokenizer_file(directory: Path) -> Path | None:
-    for name in TOKENIZER_FILES:
+    for name in (*TOKENIZER_FILES, SPIECE):
         if (directory / name).is_file():
             return directory / name
     return None
+
+
+def _load_tokenizer(directory: Path, tokenizer_file: Path) -> Any:
+    if tokenizer_file.name == SPIECE:
+        from jaxlm.data.tokenizer import load_tokenizer
+
+        return load_tokenizer(tokenizer_file)
+    return load_tokenizer_dir(directory)
 
 
 def imported_config(model: ModelConfig, name: str, tokenizer_path: str = "") -> Config:
@@ -153,7 +166,7 @@ def load_hf_pretrained(hf_dir: str | Path, mesh: MeshConfig | None = None) -> Pr
     device_mesh, rules = shd.make_mesh(config.mesh), shd.logical_rules(config.mesh)
     model, abstract, _ = abstract_state(config, device_mesh, rules)
     params = read_hf_params(hf_dir, config.model, abstract)
-    tokenizer = load_tokenizer_dir(hf_dir) if tokenizer_file else None
+    tokenizer = _load_tokenizer(hf_dir, tokenizer_file) if tokenizer_file else None
     return Pretrained(model, params, tokenizer, config)
 
 
@@ -163,16 +176,20 @@ def convert_from_hf(hf_dir: str | Path, out_dir: str | Path) -> Path:
     architecture_for(read_hf_config(hf_dir))  # a bad directory fails before anything else
     tokenizer_file = _tokenizer_file(hf_dir)
     if tokenizer_file is None:
-        raise JaxlmError(f"{hf_dir}: no tokenizer (expected {' or '.join(TOKENIZER_FILES)})")
+        expected = " or ".join((*TOKENIZER_FILES, SPIECE))
+        raise JaxlmError(f"{hf_dir}: no tokenizer (expected {expected})")
     _, params, _, config = load_hf_pretrained(hf_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    names = (tokenizer_file.name,)
+    names = {tokenizer_file.name: tokenizer_file.name}
     if tokenizer_file.name == "tokenizer.json":
-        names = HF_TOKENIZER_FILES
-    for name in names:
+        names = {name: name for name in HF_TOKENIZER_FILES}
+    if tokenizer_file.name == SPIECE:  # a sentencepiece model, as jaxlm names its own
+        names = {SPIECE: "tokenizer.model"}
+    for name, target in names.items():
         if (hf_dir / name).is_file():
-            shutil.copyfile(hf_dir / name, out_dir / name)
-    tokenizer = dataclasses.replace(config.tokenizer, path=str(out_dir / tokenizer_file.name))
+            shutil.copyfile(hf_dir / name, out_dir / target)
+    path = out_dir / names[tokenizer_file.name]
+    tokenizer = dataclasses.replace(config.tokenizer, path=str(path))
     config = dataclasses.replace(config, tokenizer=tokenizer)
     save_pretrained(out_dir, config, params)
     return out_dir
@@ -212,6 +229,8 @@ def convert_to_hf(
     m = config.model.resolved()
     module = architecture_of(m)
     hf = {**module.config_to_hf(m), **_token_ids(tokenizer), "dtype": m.param_dtype}
+    if hasattr(module, "special_ids"):  # an encoder-decoder's decoder start token
+        hf |= module.special_ids(tokenizer)
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = hf_tensors(module.links(m), params, m.n_layers, m.scan_layers)
     write_safetensors(tensors, out_dir, max_shard_bytes)
