@@ -105,6 +105,9 @@ class ModelConfig:
     d_kv: int = 0  # t5 only: the heads' width (0 = d_model // n_heads; T5 v1.1 differs)
     type_vocab_size: int = 2  # bert only: token-type (segment A/B) embedding rows
     nsp_head: bool = True  # bert only: pooler + next-sentence head (False: MLM only)
+    # The task head, for families that have more than one (FAMILIES[...].heads): bert's
+    # mlm_nsp (pretraining, the default) | qa (extractive QA's start/end logits).
+    head: str = ""
 
     def resolved(self) -> ModelConfig:
         """This config with the family's defaults in the empty fields (idempotent)."""
@@ -151,6 +154,7 @@ def _check_bert(m: ModelConfig) -> None:
     for key, want in (("norm", "layernorm"), ("mlp", "gelu"), ("position", "learned")):
         check(getattr(m, key) == want, f"model.{key}", f"bert supports only {want}")
     check(m.tie_embeddings, "model.tie_embeddings", "bert's MLM head is tied")
+    check(m.head in ("mlm_nsp", "qa"), "model.head", "bert's heads are mlm_nsp or qa")
 
 
 def dense_flops_per_token(config: ModelConfig, n_params: int, seq_len: int) -> float:
@@ -185,6 +189,16 @@ class Family:
     check: Callable[[ModelConfig], None] | None = None  # its own config checks
     # Training FLOPs per token from (config, parameter count, seq_len), for MFU and info.
     flops_per_token: Callable[[ModelConfig, int, int], float] = dense_flops_per_token
+    # Task heads besides the default one (`model.head`), each overriding the fields above
+    # that it changes (module, objective, data); `family_of` applies them.
+    heads: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+
+def family_of(m: ModelConfig) -> Family:
+    """`m`'s family with its task head's overrides applied: what builds, trains and
+    feeds a BERT with the QA head differs from its pretraining one."""
+    family = FAMILIES[m.family]
+    return dataclasses.replace(family, **family.heads.get(m.resolved().head, {}))
 
 
 _GPT2 = {"norm": "layernorm", "mlp": "gelu", "position": "learned", "use_bias": True}
@@ -214,16 +228,23 @@ FAMILIES: dict[str, Family] = {
     ),
     # Post-LN with exact GELU (models/encoder.py), MLM + NSP heads.
     "bert": Family(
-        _GPT2 | {"tie_embeddings": True},
+        _GPT2 | {"tie_embeddings": True, "head": "mlm_nsp"},
         "BertForPreTraining",
         kind="encoder",
         objective="mlm_nsp",
         data="mlm_nsp",
         generates=False,
         hf="bert",
-        hf_architectures=("BertForPreTraining", "BertForMaskedLM"),
+        hf_architectures=("BertForPreTraining", "BertForMaskedLM", "BertForQuestionAnswering"),
         min_seq_len=7,  # [CLS] A [SEP] B [SEP] with two tokens per segment
         check=_check_bert,
+        heads={
+            "qa": {
+                "module": "BertForQuestionAnswering",
+                "objective": "extractive_qa",
+                "data": "extractive_qa",
+            }
+        },
     ),
 }
 
@@ -369,6 +390,11 @@ def validate_model(m: ModelConfig) -> ModelConfig:
         "model.attention",
         f"{m.family} needs einsum, dot_product or auto (the kernels are causal, without an "
         "additive bias)",
+    )
+    check(
+        "head" in family.defaults or not m.head,
+        "model.head",
+        f"{m.family} has one head; leave it empty",
     )
     if family.check:
         family.check(m)

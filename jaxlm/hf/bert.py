@@ -1,10 +1,12 @@
-"""BERT (`BertForPreTraining`, `BertForMaskedLM`) <-> jaxlm's `BertForPreTraining`.
+"""BERT (`BertForPreTraining`, `BertForMaskedLM`) <-> jaxlm's `BertForPreTraining`, and
+`BertForQuestionAnswering` <-> jaxlm's `BertForQuestionAnswering` (`model.head=qa`).
 
 `BertForMaskedLM` has neither the pooler nor the NSP head: it maps to
 `model.nsp_head=false`. The MLM decoder matrix is the word-embedding table (tied) and
 its bias `cls.predictions.bias`; old files also store both under
 `cls.predictions.decoder.*`, which are skipped, and name LayerNorm's parameters
-`gamma`/`beta`.
+`gamma`/`beta`. `BertForQuestionAnswering` has no pooler and no MLM/NSP heads, only
+`qa_outputs` (d_model -> 2: start, end).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
     require(hf, "position_embedding_type", position == "absolute", "absolute")
     require(hf, "is_decoder", not hf.get("is_decoder", False), "false")
     architecture = (hf.get("architectures") or ["BertForPreTraining"])[0]
+    qa = architecture == "BertForQuestionAnswering"
     return ModelConfig(
         family="bert",
         vocab_size=hf["vocab_size"],
@@ -35,6 +38,7 @@ def config_from_hf(hf: dict[str, Any]) -> ModelConfig:
         layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
         type_vocab_size=hf.get("type_vocab_size", 2),
         nsp_head=architecture == "BertForPreTraining",
+        head="qa" if qa else "mlm_nsp",
         norm="layernorm",
         mlp="gelu",
         position="learned",
@@ -47,9 +51,15 @@ def fits(m: ModelConfig) -> bool:
     return m.kv_heads == m.n_heads and bool(m.use_bias)
 
 
+def _architecture(m: ModelConfig) -> str:
+    if m.resolved().head == "qa":
+        return "BertForQuestionAnswering"
+    return "BertForPreTraining" if m.nsp_head else "BertForMaskedLM"
+
+
 def config_to_hf(m: ModelConfig) -> dict[str, Any]:
     return {
-        "architectures": ["BertForPreTraining" if m.nsp_head else "BertForMaskedLM"],
+        "architectures": [_architecture(m)],
         "model_type": MODEL_TYPE,
         "vocab_size": m.vocab_size,
         "hidden_size": m.d_model,
@@ -106,12 +116,16 @@ def links(m: ModelConfig) -> list[Link]:
         *_linear(layer + "attention.output.dense", block + "attn/out", split=2),
         *_linear(layer + "intermediate.dense", block + "mlp/fc_in"),
         *_linear(layer + "output.dense", block + "mlp/fc_out"),
+    ]
+    for name in ("query", "key", "value"):
+        out += _linear(layer + f"attention.self.{name}", block + f"attn/{name}")
+    if m.resolved().head == "qa":
+        return out + _linear("qa_outputs", "qa_outputs")
+    out += [
         Link("cls.predictions.bias", "mlm/bias", split=0),
         *_linear("cls.predictions.transform.dense", "mlm/transform"),
         *_norm("cls.predictions.transform.LayerNorm", "mlm/ln"),
     ]
-    for name in ("query", "key", "value"):
-        out += _linear(layer + f"attention.self.{name}", block + f"attn/{name}")
     if m.nsp_head:
         out += _linear("bert.pooler.dense", "encoder/pooler")
         out += _linear("cls.seq_relationship", "nsp")

@@ -1,4 +1,5 @@
-"""BERT: a bidirectional post-LayerNorm encoder with its pretraining heads (MLM + NSP).
+"""BERT: a bidirectional post-LayerNorm encoder with its pretraining heads (MLM + NSP),
+or the extractive QA head (`model.head=qa`).
 
 Plain Flax Linen, no knowledge of training: `BertForPreTraining` maps token ids (and
 optionally token-type ids, segment ids and positions) to fp32 masked-LM logits
@@ -15,6 +16,7 @@ decoder.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -211,3 +213,38 @@ class BertForPreTraining(nn.Module):
             "bd,dc->bc", (c.d_model, 2), ("embed", "classes"), ("classes",), **kw, name="nsp"
         )(pooled_BD)
         return logits.astype(jnp.float32), nsp.astype(jnp.float32)
+
+
+class BertForQuestionAnswering(nn.Module):
+    """The encoder (no pooler, as Hugging Face's `BertForQuestionAnswering`) and
+    `qa_outputs`, a d_model -> 2 dense on every token: the logits of the answer
+    starting and ending there. Span decoding (evaluation/span_decoding.py) picks the
+    best start <= end inside the context."""
+
+    config: ModelConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(
+        self,
+        tokens_BL: jax.Array,
+        token_type_ids_BL: jax.Array | None = None,
+        segment_ids_BL: jax.Array | None = None,
+        positions_BL: jax.Array | None = None,
+    ) -> tuple[jax.Array, jax.Array]:
+        """Returns (start_logits (B, L), end_logits (B, L)), fp32."""
+        c = dataclasses.replace(self.config.resolved(), nsp_head=False)
+        dtype, param_dtype = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
+        encoder = BertEncoder(c, self.deterministic, name="encoder")
+        x_BLD, _ = encoder(tokens_BL, token_type_ids_BL, segment_ids_BL, positions_BL)
+        logits_BLC = EinsumDense(
+            "bld,dc->blc",
+            (c.d_model, 2),
+            ("embed", "classes"),
+            ("classes",),
+            dtype=dtype,
+            param_dtype=param_dtype,
+            name="qa_outputs",
+        )(x_BLD)
+        logits_BLC = logits_BLC.astype(jnp.float32)
+        return logits_BLC[..., 0], logits_BLC[..., 1]
