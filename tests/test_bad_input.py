@@ -54,7 +54,7 @@ CASES = [
     ),
     (
         ["convert", "from-hf", "{d}/foo", "{d}/out"],
-        "config.json: model_type 'foo' is not supported (jaxlm converts gpt2, llama, bert)",
+        "config.json: model_type 'foo' is not supported (jaxlm converts gpt2, llama, t5, bert)",
     ),
     (
         ["convert", "from-hf", "{d}/truncated", "{d}/out"],
