@@ -25,6 +25,7 @@ from jaxlm.model_config import (  # noqa: F401  (re-exported: one place to impor
     SWIGLU_MULTIPLE,
     LoraConfig,
     ModelConfig,
+    family_of,
     validate_lora,
     validate_model,
 )
@@ -300,7 +301,7 @@ def to_yaml(config: Config) -> str:
 
 def check_trainable(c: Config) -> None:
     """What `jaxlm train` can't do, refused before any data or compile work."""
-    family = FAMILIES[c.model.family]
+    family = family_of(c.model)  # its head's objective
     _check(
         family.kind == "decoder" or c.train.sample_prompt == "",
         "train.sample_prompt",
@@ -310,6 +311,12 @@ def check_trainable(c: Config) -> None:
         family.objective != "mlm_nsp" or c.model.nsp_head,
         "model.nsp_head",
         f"{c.model.family} trains the MLM + NSP objective, which needs the NSP head",
+    )
+    _check(
+        family_of(c.model).data != "extractive_qa",
+        "model.head",
+        "qa: jaxlm train has no extractive QA data task yet (train in Python with "
+        "jaxlm.data.extractive_qa and jaxlm.train.objectives.for_model)",
     )
 
 

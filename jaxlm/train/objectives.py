@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import optax
 from flax import linen as nn
 
-from jaxlm.model_config import FAMILIES
+from jaxlm.model_config import FAMILIES, ModelConfig, family_of
 
 Batch = dict[str, jax.Array]
 Sums = dict[str, jax.Array]
@@ -180,6 +180,43 @@ def _target_counts(batch: Batch) -> Sums:
     return {"tokens": jnp.sum(batch["target_mask"].astype(jnp.float32))}
 
 
+def _qa_rows(batch: Batch) -> jax.Array:
+    """Rows that hold an example (an all-padding row weighs nothing)."""
+    return (batch["segment_ids"][:, 0] > 0).astype(jnp.float32)
+
+
+def extractive_qa_loss(model, params, batch, rng=None):
+    """BERT's SQuAD loss: the mean of the answer start's and end's cross-entropies over
+    the row's positions (Hugging Face's `BertForQuestionAnswering` loss); a window
+    without the answer targets position 0, [CLS]."""
+    start_logits, end_logits = model.apply(
+        {"params": params},
+        batch["inputs"],
+        batch["token_types"],
+        batch["segment_ids"],
+        rngs=_rngs(rng),
+    )
+    rows = _qa_rows(batch)
+    start, start_correct, n = _masked_ce(start_logits, batch["start_positions"], rows)
+    end, end_correct, _ = _masked_ce(end_logits, batch["end_positions"], rows)
+    sums = {
+        "start_loss_sum": start,
+        "end_loss_sum": end,
+        "start_correct": start_correct,
+        "end_correct": end_correct,
+        "examples": n,
+    }
+    return _mean(start + end, 2.0 * n), n, sums
+
+
+def _qa_summary(sums: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "loss": _mean(sums["start_loss_sum"] + sums["end_loss_sum"], 2.0 * sums["examples"]),
+        "start_accuracy": _mean(sums["start_correct"], sums["examples"]),
+        "end_accuracy": _mean(sums["end_correct"], sums["examples"]),
+    }
+
+
 CAUSAL_LM = Objective(
     causal_lm_loss,
     _token_summary,
@@ -209,8 +246,34 @@ SEQ2SEQ = Objective(
 )
 
 
-OBJECTIVES = {"causal_lm": CAUSAL_LM, "mlm_nsp": MLM_NSP, "seq2seq": SEQ2SEQ}
+EXTRACTIVE_QA = Objective(
+    extractive_qa_loss,
+    _qa_summary,
+    {
+        "inputs": 2,
+        "token_types": 2,
+        "segment_ids": 2,
+        "start_positions": 1,
+        "end_positions": 1,
+    },
+    per_token=False,
+    counts=lambda batch: {"examples": jnp.sum(_qa_rows(batch))},
+)
+
+
+OBJECTIVES = {
+    "causal_lm": CAUSAL_LM,
+    "mlm_nsp": MLM_NSP,
+    "seq2seq": SEQ2SEQ,
+    "extractive_qa": EXTRACTIVE_QA,
+}
 
 
 def for_family(family: str) -> Objective:
     return OBJECTIVES[FAMILIES[family].objective]
+
+
+def for_model(m: ModelConfig) -> Objective:
+    """The objective of `m`'s task head (`model.head`): BERT's QA head trains on
+    extractive QA, not on MLM + NSP."""
+    return OBJECTIVES[family_of(m).objective]
