@@ -50,6 +50,10 @@ class DataConfig:
     source_field: str = "src"
     target_field: str = "tgt"
     target_len: int = 0
+    # T5 on plain text pretrains with span corruption (jaxlm/data/span_corruption.py):
+    # the share of tokens hidden, and the mean length of the spans they are hidden in.
+    noise_density: float = 0.15
+    mean_noise_span_length: float = 3.0
     split: str = "paragraph"  # how .txt files become documents: paragraph | line | file
     eval_fraction: float = 0.1  # the last documents, held out
     shuffle: bool = True
@@ -413,6 +417,8 @@ def validate(c: Config) -> Config:
     )
     _check(c.data.streams >= 0, "data.streams", "must be >= 0 (0 = one per process)")
     _check(c.data.target_len >= 0, "data.target_len", "must be >= 0 (0 = train.seq_len)")
+    _check(0 < c.data.noise_density < 1, "data.noise_density", "must be between 0 and 1")
+    _check(c.data.mean_noise_span_length >= 1, "data.mean_noise_span_length", "must be >= 1")
     _check(
         bool(c.data.source_field) and bool(c.data.target_field),
         "data.source_field",

@@ -4,7 +4,9 @@ A family names its task in `FAMILIES[...].data`: `packed` documents in rows
 (data/pipeline.py), the same documents as `mlm_nsp` sentence pairs (data/mlm.py), or
 `seq2seq` source -> target pairs (data/seq2seq.py). A `packed` (decoder) family trains
 on `sft` examples instead when `data.format` says so, or, at `auto`, when the JSONL
-records are prompt/completion pairs or conversations (data/sft.py). All share
+records are prompt/completion pairs or conversations (data/sft.py). A `seq2seq` family
+pretrains with T5's `span_corruption` (data/span_corruption.py) on plain text: at
+`data.format=text`, or at `auto` when no data file is JSONL. All share
 `make_dataset`'s per-process streams, so sharding over hosts and the checkpointed data
 position work the same for every family.
 """
@@ -18,9 +20,9 @@ from typing import Any
 import sentencepiece as spm
 
 from jaxlm.config import Config
-from jaxlm.data import mlm, seq2seq, sft
+from jaxlm.data import mlm, seq2seq, sft, span_corruption
 from jaxlm.data.pipeline import check_enough_text
-from jaxlm.data.sources import read_documents
+from jaxlm.data.sources import list_files, read_documents
 from jaxlm.errors import JaxlmError
 from jaxlm.model_config import FAMILIES
 
@@ -36,8 +38,36 @@ def is_sft(config: Config) -> bool:
     return sft.looks_like_sft(d.path, d.messages_field, d.prompt_field, d.completion_field)
 
 
+def is_plain_text(config: Config) -> bool:
+    """Whether the data is documents rather than records of fields: `data.format=text`,
+    or `auto` with no JSONL file among the data files."""
+    d = config.data
+    if d.format != "auto":
+        return d.format == "text"
+    return not any(f.suffix in (".jsonl", ".json") for f in list_files(d.path))
+
+
 def _task(config: Config) -> str:
-    return "sft" if is_sft(config) else FAMILIES[config.model.family].data
+    if is_sft(config):
+        return "sft"
+    task = FAMILIES[config.model.family].data
+    if task == "seq2seq" and is_plain_text(config):
+        return "span_corruption"
+    return task
+
+
+def _chunk_length(config: Config) -> int:
+    d = config.data
+    return span_corruption.chunk_length(
+        config.train.seq_len, d.target_len, d.noise_density, d.mean_noise_span_length
+    )
+
+
+def _sentinel_count(config: Config) -> int:
+    """The most noise spans a chunk has: the sentinels span corruption needs."""
+    d = config.data
+    length = _chunk_length(config)
+    return span_corruption.span_counts(length, d.noise_density, d.mean_noise_span_length)[1]
 
 
 def read_examples(config: Config) -> list[Any]:
@@ -62,6 +92,8 @@ def check_enough(config: Config, train_examples: Sequence[Any]) -> None:
                 f"one batch of {t.batch_size}; add data or lower train.batch_size"
             )
         return
+    if _task(config) == "span_corruption":  # no chunk fits: an error naming the keys
+        _chunk_length(config)
     check_enough_text(train_examples, t.batch_size, t.seq_len)
 
 
@@ -75,8 +107,13 @@ def tokenizer_corpus(config: Config, train_examples: Sequence[Any]) -> list[str]
 
 
 def tokenizer_symbols(config: Config) -> tuple[str, ...]:
-    """Pieces the family needs beyond PAD/UNK/BOS/EOS."""
-    return (mlm.MASK_PIECE,) if _task(config) == "mlm_nsp" else ()
+    """Pieces the task needs beyond PAD/UNK/BOS/EOS: BERT's mask, or as many T5
+    sentinels as a chunk can have spans."""
+    if _task(config) == "mlm_nsp":
+        return (mlm.MASK_PIECE,)
+    if _task(config) == "span_corruption":
+        return span_corruption.sentinel_pieces(_sentinel_count(config))
+    return ()
 
 
 def stream_maker(config: Config, tokenizer: spm.SentencePieceProcessor) -> Callable | None:
@@ -86,6 +123,16 @@ def stream_maker(config: Config, tokenizer: spm.SentencePieceProcessor) -> Calla
         return mlm.mlm_stream
     if _task(config) == "seq2seq":
         return partial(seq2seq.seq2seq_stream, target_len=config.data.target_len)
+    if _task(config) == "span_corruption":
+        d = config.data
+        # A tokenizer without the sentinels fails here, readably.
+        span_corruption.sentinel_ids(tokenizer, _sentinel_count(config))
+        return partial(
+            span_corruption.span_corruption_stream,
+            target_len=d.target_len,
+            noise_density=d.noise_density,
+            mean_noise_span_length=d.mean_noise_span_length,
+        )
     if _task(config) == "sft":
         return sft.sft_stream
     return None
