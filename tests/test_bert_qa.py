@@ -87,7 +87,15 @@ def _assert_match(got, want, mask, atol=ATOL):
         np.testing.assert_allclose(g[real], w[real], atol=atol, rtol=0)
 
 
-def test_qa_checkpoint_imports_and_exports_in_transformers_format(hf_qa, tmp_path):
+@pytest.fixture(scope="module")
+def converted_qa(hf_qa, tmp_path_factory):
+    """The tiny checkpoint as a jaxlm model directory, by `jaxlm convert from-hf`."""
+    model_dir = tmp_path_factory.mktemp("qa_model") / "jaxlm"
+    assert jaxlm_main(["convert", "from-hf", str(hf_qa[0]), str(model_dir)]) == 0
+    return model_dir
+
+
+def test_qa_checkpoint_imports_and_exports_in_transformers_format(hf_qa, converted_qa, tmp_path):
     hf_dir, (ids, mask, types), want = hf_qa
     imported = load_hf_pretrained(hf_dir)
     assert imported.config.model.head == "qa" and not imported.config.model.nsp_head
@@ -96,8 +104,7 @@ def test_qa_checkpoint_imports_and_exports_in_transformers_format(hf_qa, tmp_pat
     assert imported.params["qa_outputs"]["kernel"].shape == (32, 2)
     _assert_match(_jaxlm_logits(imported.model, imported.params, ids, mask, types), want, mask)
 
-    model_dir, out = tmp_path / "jaxlm", tmp_path / "hf"
-    assert jaxlm_main(["convert", "from-hf", str(hf_dir), str(model_dir)]) == 0
+    model_dir, out = converted_qa, tmp_path / "hf"
     loaded = load_pretrained(model_dir)
     assert loaded.config.model.head == "qa"
     assert _trees_equal(loaded.params, imported.params)
@@ -260,3 +267,33 @@ def test_train_refuses_the_qa_head_in_one_line():
     model = ModelConfig(family="bert", head="qa", nsp_head=False)
     with pytest.raises(ConfigError, match="model.head.*no extractive QA data task"):
         check_trainable(Config(model=model))
+
+
+def test_eval_task_qa_answers_with_the_best_span(hf_qa, converted_qa, tmp_path):
+    """`jaxlm eval MODEL --task qa` on a QA-head BERT decodes spans over windows: its
+    answers are those of transformers' logits on the same rows, every span tried."""
+    hf_dir = hf_qa[0]
+    _, records = read_task("qa")
+    data, preds, results = tmp_path / "qa.jsonl", tmp_path / "p.jsonl", tmp_path / "r.json"
+    data.write_text(json.dumps(records[0]) + "\n")
+    args = ["eval", str(converted_qa), "--task", "qa", "--data", str(data), "--seq-len", "64"]
+    args += ["--write-predictions", str(preds), "--json", str(results)]
+    assert jaxlm_main(args) == 0
+    got = [json.loads(line)["prediction"] for line in preds.read_text().splitlines()]
+
+    qas, context = records[0]["qas"], records[0]["context"]
+    f = qa_features(
+        load_hf_tokenizer(hf_dir), [q["question"] for q in qas], [context] * len(qas), 64, 32
+    )
+    model = transformers.BertForQuestionAnswering.from_pretrained(hf_dir).eval()
+    start, end = _hf_logits(model, f.tokens.astype(np.int64), f.mask, f.token_types)
+    want = []
+    for n in range(len(qas)):
+        rows = f.example == n
+        assert rows.sum() > 1  # the passage takes several windows
+        _, r, i, j = _brute_force(start[rows], end[rows], f.offsets[rows], 30)
+        want.append(context[f.offsets[rows][r, i, 0] : f.offsets[rows][r, j, 1]])
+    assert got == want
+    scores = json.loads(results.read_text())
+    assert scores["task"] == "qa" and scores["examples"] == len(qas)
+    assert 0 <= scores["exact_match"] <= scores["f1"] <= 100

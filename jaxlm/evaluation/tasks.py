@@ -35,6 +35,7 @@ from typing import Any
 from jaxlm.errors import JaxlmError
 from jaxlm.evaluation.overlap import bleu_chrf, rouge
 from jaxlm.evaluation.squad import squad_scores
+from jaxlm.model_config import family_of
 
 TASK_DIR = Path(__file__).resolve().parents[2] / "data" / "tasks"
 
@@ -132,6 +133,9 @@ class Task:
     read: Callable[[dict, str], list[Example]]
     score: Callable[[Sequence[str], Sequence[Example]], dict[str, Any]] | None
     generated: bool = True  # False: scored by perplexity, not by generated text
+    # For a model that generates no text (an encoder with a task head): its answers
+    # from its logits, (loaded, records, examples, batch_size=, seq_len=) -> texts.
+    extract: Callable[..., list[str]] | None = None
 
 
 def _rouge(predictions: Sequence[str], examples: Sequence[Example]) -> dict[str, Any]:
@@ -144,6 +148,12 @@ def _squad(predictions: Sequence[str], examples: Sequence[Example]) -> dict[str,
 
 def _bleu(predictions: Sequence[str], examples: Sequence[Example]) -> dict[str, Any]:
     return bleu_chrf(predictions, [e.references[0] for e in examples])
+
+
+def _extractive_qa(loaded: Any, records: Sequence[dict], examples: Sequence[Example], **kw):
+    from jaxlm.evaluation.extractive import extractive_answers  # jax, only when used
+
+    return extractive_answers(loaded, records, examples, **kw)
 
 
 TASKS: dict[str, Task] = {
@@ -160,6 +170,7 @@ TASKS: dict[str, Task] = {
         ("exact_match", "f1"),
         _qa,
         _squad,
+        extract=_extractive_qa,
     ),
     "translation": Task("translation", "id, src, tgt", ("bleu", "chrf"), _translation, _bleu),
     "dialogue": Task("dialogue", "id, messages", ("perplexity",), _dialogue, None, False),
@@ -284,11 +295,21 @@ def evaluate_task(
         results = _dialogue_perplexity(loaded, records, source, batch_size, seq_len)
         return results, f"{model} on {name} ({source})"
 
-    from jaxlm.evaluation.generated import generate_texts
+    how = f"greedy, {max_new_tokens} new tokens"
+    if not family_of(loaded.config.model).generates:  # an encoder: its task head answers
+        if not task.extract:
+            raise JaxlmError(f"task {name!r} needs generated text; {model} generates none")
+        outputs = task.extract(loaded, records, examples, batch_size=batch_size, seq_len=seq_len)
+        how = "extractive, best span"
+    else:
+        from jaxlm.evaluation.generated import generate_texts
 
-    outputs = generate_texts(
-        loaded, [e.prompt for e in examples], max_new_tokens=max_new_tokens, batch_size=batch_size
-    )
+        outputs = generate_texts(
+            loaded,
+            [e.prompt for e in examples],
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+        )
     if write_predictions:
         text = "".join(
             json.dumps({"id": e.id, "prediction": o}, ensure_ascii=False) + "\n"
@@ -296,7 +317,7 @@ def evaluate_task(
         )
         Path(write_predictions).write_text(text, encoding="utf-8")
     results = {"task": name, "examples": len(examples)} | task.score(outputs, examples)
-    return results, f"{model} on {name} ({source}; greedy, {max_new_tokens} new tokens)"
+    return results, f"{model} on {name} ({source}; {how})"
 
 
 def _dialogue_perplexity(
