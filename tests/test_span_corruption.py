@@ -12,6 +12,7 @@ from jaxlm.data import tasks
 from jaxlm.data.pipeline import make_dataset, split_documents
 from jaxlm.data.sources import read_documents
 from jaxlm.data.tokenizer import load_tokenizer, train_tokenizer
+from jaxlm.errors import JaxlmError
 from jaxlm.train.metrics import read_metrics
 
 from .conftest import CORPUS, REPO
@@ -158,6 +159,14 @@ def test_text_pretrains_and_pairs_stay_seq2seq(tmp_path):
     assert tasks._task(t5.replace(data={"format": "text"})) == "span_corruption"
     gpt2 = load_config(REPO / "configs" / "gpt2-tiny.yaml").replace(data={"path": str(CORPUS)})
     assert tasks._task(gpt2) == "packed"
+
+
+def test_a_tokenizer_without_sentinels_is_refused(t5_data, tmp_path):
+    docs, _ = t5_data
+    plain = load_tokenizer(train_tokenizer(docs[:300], tmp_path / "plain.model", 400))
+    text = load_config(REPO / "configs" / "t5-tiny.yaml").replace(data={"path": str(CORPUS)})
+    with pytest.raises(JaxlmError, match="no sentinel piece '<extra_id_0>'"):
+        tasks.stream_maker(text, plain)
 
 
 @pytest.mark.parametrize(

@@ -63,15 +63,14 @@ def tokens_length(
     inputs_length: int, targets_length: int, noise_density: float, mean_span: float
 ) -> int:
     """The longest chunk whose corrupted inputs and targets fit the encoder and decoder
-    lengths (T5's `random_spans_helper`, with the targets bounded too); 0 if none does."""
-    best = 0
-    for length in range(2, 2 * inputs_length + 2):
-        i, t = corrupted_lengths(length, noise_density, mean_span)
-        if i <= inputs_length and t <= targets_length:
-            best = length
-        elif i > inputs_length:
-            break
-    return best
+    lengths (T5's `random_spans_helper`, with the targets bounded too); 0 if none does.
+    Both corrupted lengths grow with the chunk's, so the first that overflows ends it."""
+    length = 1
+    while True:
+        i, t = corrupted_lengths(length + 1, noise_density, mean_span)
+        if i > inputs_length or t > targets_length:
+            return length if length >= 2 else 0
+        length += 1
 
 
 def sentinel_pieces(count: int) -> tuple[str, ...]:
