@@ -184,7 +184,7 @@ def test_bad_span_settings_are_one_line(override, message, tmp_path, capsys):
     assert code == 2 and message in err and err.count("\n") == 1, err
 
 
-def test_t5_tiny_pretrains_on_plain_text(tmp_path):
+def test_t5_tiny_pretrains_on_plain_text(tmp_path, capsys):
     """`jaxlm train configs/t5-tiny.yaml data.path=...txt`, one layer each side and 30
     steps: span corruption is chosen (the run's tokenizer has the sentinels) and the
     loss falls from about 7 (measured 4.7 at step 30)."""
@@ -196,6 +196,10 @@ def test_t5_tiny_pretrains_on_plain_text(tmp_path):
     args += ["train.log_every=1", "train.eval_every=1000", "train.eval_batches=2"]
     args += ["checkpoint.every=1000", "train.tensorboard=false"]
     assert main(args) == 0
+    assert (
+        "span corruption: chunks of 52 tokens, 8 hidden in 3 spans -> 48 of 48 encoder "
+        "tokens, 12 of 16 decoder tokens" in capsys.readouterr().out
+    )
     records = read_metrics(run_dir / "metrics.jsonl")
     first, last = records[0], records[-1]
     assert first["step"] == 1 and last["step"] == 30

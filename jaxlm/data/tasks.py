@@ -116,6 +116,22 @@ def tokenizer_symbols(config: Config) -> tuple[str, ...]:
     return ()
 
 
+def _describe_span_corruption(config: Config, seq_len: int) -> str:
+    d = config.data
+    length = span_corruption.chunk_length(
+        seq_len, d.target_len, d.noise_density, d.mean_noise_span_length
+    )
+    inputs, targets = span_corruption.corrupted_lengths(
+        length, d.noise_density, d.mean_noise_span_length
+    )
+    noise, spans = span_corruption.span_counts(length, d.noise_density, d.mean_noise_span_length)
+    return (
+        f"span corruption: chunks of {length} tokens, {noise} hidden in {spans} spans -> "
+        f"{inputs} of {seq_len} encoder tokens, {targets} of {d.target_len or seq_len} "
+        "decoder tokens (data.target_len)"
+    )
+
+
 def stream_maker(config: Config, tokenizer: spm.SentencePieceProcessor) -> Callable | None:
     """`make_dataset`'s `make_stream` for the task (None: causal-LM packing)."""
     if _task(config) == "mlm_nsp":
@@ -147,7 +163,10 @@ def encode_splits(
 ) -> list[Sequence[Any]]:
     """The splits as the streams take them: SFT examples rendered, tokenized and
     truncated up front (so a template that fails to render fails before any compile;
-    the truncation count is printed when `log`); other tasks' examples as they are."""
+    the truncation count is printed when `log`); other tasks' examples as they are
+    (span corruption prints its chunk and corrupted lengths when `log`)."""
+    if log and _task(config) == "span_corruption":
+        print(_describe_span_corruption(config, seq_len or config.train.seq_len))
     if not any(isinstance(example, sft.Record) for split in splits for example in split[:1]):
         return list(splits)
     seq_len = seq_len or config.train.seq_len
