@@ -1,5 +1,6 @@
-"""Preemption, crashes, corrupt checkpoints and NaNs, driven through real `jaxlm train`
-subprocesses, compared with uninterrupted runs of the same seed."""
+"""Preemption, crashes, corrupt checkpoints and NaNs, driven through `jaxlm train`
+(real subprocesses where a signal or a kill is the point), compared with uninterrupted
+runs of the same seed."""
 
 import json
 import math
@@ -15,6 +16,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from jaxlm.cli import main
 from jaxlm.train.faults import KILL_BEFORE_COMMIT_ENV, KILL_ENV, POISON_ENV
 from jaxlm.train.preemption import PREEMPTED_EXIT_CODE
 
@@ -47,6 +49,25 @@ def jaxlm_train(run_dir: Path, *overrides: str, **env: str) -> subprocess.Comple
         text=True,
         timeout=300,
     )
+
+
+@pytest.fixture
+def in_process(monkeypatch, capsys):
+    """`jaxlm train` in this process, for runs that end without a signal or a kill:
+    `main` returns what the script exits with, and the output is captured alike."""
+    monkeypatch.chdir(REPO)
+
+    def run(run_dir: Path, *overrides: str, **env: str) -> subprocess.CompletedProcess:
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        args = command(run_dir, *overrides)[3:]  # after `python -m jaxlm.cli`
+        code = main(args)
+        for name in env:
+            monkeypatch.delenv(name)
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out, err)
+
+    return run
 
 
 STEPS = 40  # long enough for a signal to land mid-run, and a data epoch boundary
@@ -95,7 +116,7 @@ def reference(tmp_path_factory):
     return run_dir
 
 
-def test_sigterm_saves_and_resumes_exactly(reference, tmp_path):
+def test_sigterm_saves_and_resumes_exactly(reference, tmp_path, in_process):
     run_dir = tmp_path / "run"
     proc = start_and_wait_for_logs(run_dir, 5)
     proc.send_signal(signal.SIGTERM)
@@ -106,21 +127,21 @@ def test_sigterm_saves_and_resumes_exactly(reference, tmp_path):
     assert f"preempted at step {step}: checkpoint saved to {run_dir}/checkpoints/{step}" in stderr
     assert (run_dir / "checkpoints" / str(step) / "jaxlm_manifest.json").is_file()
 
-    resumed = jaxlm_train(run_dir, f"train.steps={STEPS}", "checkpoint.every=1000")
+    resumed = in_process(run_dir, f"train.steps={STEPS}", "checkpoint.every=1000")
     assert resumed.returncode == 0, resumed.stderr
     assert f"resumed from {run_dir}/checkpoints/{step}" in resumed.stdout
     assert losses(run_dir) == losses(reference)  # every step, bit for bit
     assert_same_params(saved_state(run_dir, STEPS), saved_state(reference, STEPS))
 
 
-def test_kill_during_checkpoint_write_is_ignored(reference, tmp_path):
+def test_kill_during_checkpoint_write_is_ignored(reference, tmp_path, in_process):
     run_dir = tmp_path / "run"
     killed = jaxlm_train(run_dir, f"train.steps={STEPS}", **{KILL_ENV: "10"})
     assert killed.returncode == -signal.SIGKILL
     partial = [p.name for p in (run_dir / "checkpoints").iterdir() if "tmp" in p.name]
     assert partial and partial[0].startswith("10.")  # the save that never finished
 
-    resumed = jaxlm_train(run_dir, f"train.steps={STEPS}")
+    resumed = in_process(run_dir, f"train.steps={STEPS}")
     assert resumed.returncode == 0, resumed.stderr
     assert f"skipping incomplete checkpoint {partial[0]}" in resumed.stdout
     assert f"resumed from {run_dir}/checkpoints/5" in resumed.stdout
@@ -147,7 +168,7 @@ def two_checkpoints(pristine, tmp_path):
     return run_dir, files[-1]
 
 
-def test_kill_after_manifest_before_commit_is_ignored(tmp_path):
+def test_kill_after_manifest_before_commit_is_ignored(tmp_path, in_process):
     """The manifest is written inside the step before orbax commits it: a crash in
     between leaves an uncommitted step, never a committed one without a manifest."""
     run_dir = tmp_path / "run"
@@ -156,14 +177,14 @@ def test_kill_after_manifest_before_commit_is_ignored(tmp_path):
     partial = run_dir / "checkpoints" / "10.orbax-checkpoint-tmp"
     assert (partial / "jaxlm_manifest.json").is_file()
 
-    resumed = jaxlm_train(run_dir, "train.steps=12")
+    resumed = in_process(run_dir, "train.steps=12")
     assert resumed.returncode == 0, resumed.stderr
     assert f"skipping incomplete checkpoint {partial.name}" in resumed.stdout
     assert f"resumed from {run_dir}/checkpoints/5" in resumed.stdout
 
 
 @pytest.mark.parametrize("damage", ["truncate", "alter", "no manifest"])
-def test_corrupt_checkpoint_is_named_and_fallback_resumes(two_checkpoints, damage):
+def test_corrupt_checkpoint_is_named_and_fallback_resumes(two_checkpoints, damage, in_process):
     run_dir, victim = two_checkpoints
     data = victim.read_bytes()
     if damage == "no manifest":  # every committed step has one: this one was damaged
@@ -177,22 +198,22 @@ def test_corrupt_checkpoint_is_named_and_fallback_resumes(two_checkpoints, damag
         victim.write_bytes(data[:100] + bytes([data[100] ^ 0xFF]) + data[101:])
         problem = "contents altered (SHA-256 mismatch)"
 
-    out = jaxlm_train(run_dir, "train.steps=12")
+    out = in_process(run_dir, "train.steps=12")
     assert out.returncode == 2
     assert f"checkpoint step 10 is corrupt: {victim}: {problem}" in out.stderr
     assert "set checkpoint.fallback=true" in out.stderr and "Traceback" not in out.stderr
     if damage != "alter":  # one fallback run: every damage fails the same verification
         return
 
-    out = jaxlm_train(run_dir, "train.steps=12", "checkpoint.fallback=true")
+    out = in_process(run_dir, "train.steps=12", "checkpoint.fallback=true")
     assert out.returncode == 0, out.stderr
     assert "skipping checkpoint step 10: checkpoint step 10 is corrupt" in out.stdout
     assert f"resumed from {run_dir}/checkpoints/5" in out.stdout
 
 
-def test_resume_refuses_another_model(two_checkpoints):
+def test_resume_refuses_another_model(two_checkpoints, in_process):
     run_dir, _ = two_checkpoints
-    out = jaxlm_train(run_dir, "train.steps=12", "model.d_model=32")
+    out = in_process(run_dir, "train.steps=12", "model.d_model=32")
     assert out.returncode == 2
     assert (
         f"{run_dir} holds checkpoints of another model: model.d_model is 64 there, 32 here"
@@ -200,9 +221,9 @@ def test_resume_refuses_another_model(two_checkpoints):
     )
 
 
-def test_nonfinite_skip_drops_the_update_and_goes_on(tmp_path):
+def test_nonfinite_skip_drops_the_update_and_goes_on(tmp_path, in_process):
     run_dir = tmp_path / "run"
-    out = jaxlm_train(
+    out = in_process(
         run_dir, "train.steps=8", "checkpoint.every=1", "checkpoint.keep=10", **{POISON_ENV: "3"}
     )
     assert out.returncode == 0, out.stderr
@@ -218,13 +239,13 @@ def test_nonfinite_skip_drops_the_update_and_goes_on(tmp_path):
     assert int(after["step"]) == 3 and int(after["nonfinite"]) == 1
 
 
-def test_nonfinite_stop_saves_last_good_state_and_resumes_exactly(reference, tmp_path):
+def test_nonfinite_stop_saves_last_good_state_and_resumes_exactly(reference, tmp_path, in_process):
     """The bad step 3 is only seen at step 5, two batches later (log_every=5): the
     saved data position must still be the good step's, and the resumed run must not
     stop again on clean batches."""
     run_dir = tmp_path / "run"
     args = (f"train.steps={STEPS}", "train.nonfinite=stop", "train.log_every=5")
-    out = jaxlm_train(run_dir, *args, **{POISON_ENV: "3"})
+    out = in_process(run_dir, *args, **{POISON_ENV: "3"})
     assert out.returncode == 3
     assert (
         "non-finite loss or gradients at step 3 (train.nonfinite=stop); "
@@ -236,7 +257,7 @@ def test_nonfinite_stop_saves_last_good_state_and_resumes_exactly(reference, tmp
         state = saved_state(run_dir, step)
         assert all(np.isfinite(x).all() for x in jax.tree_util.tree_leaves(state["params"]))
 
-    resumed = jaxlm_train(run_dir, *args)
+    resumed = in_process(run_dir, *args)
     assert resumed.returncode == 0, resumed.stderr
     assert f"resumed from {run_dir}/checkpoints/2" in resumed.stdout
     want = losses(reference)
