@@ -1,10 +1,14 @@
-"""The `jaxlm` command as a user runs it: real subprocesses, real messages."""
+"""The `jaxlm` command as a user runs it: real subprocesses, real messages (the many
+bad-input cases call `main` in this process; test_invalid_yaml checks that a real
+process prints the same one line and exits with 2)."""
 
 import json
 import subprocess
 import sys
 
 import pytest
+
+from jaxlm.cli import main
 
 from .conftest import CORPUS, REPO, TINY, subprocess_env
 
@@ -123,13 +127,14 @@ CASES = [
 
 
 @pytest.mark.parametrize("args, message", CASES, ids=[str(i) for i in range(len(CASES))])
-def test_bad_input_fails_fast_with_one_line(bad_inputs, args, message):
+def test_bad_input_fails_fast_with_one_line(bad_inputs, args, message, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
     args = [a.format(tmp=bad_inputs) for a in args]
     config = [a for a in args if a.endswith(".yaml")] or ["configs/shakespeare.yaml"]
     overrides = [a for a in args if not a.endswith(".yaml")]
-    out = jaxlm("train", *config, *TINY, *overrides, "--run-dir", str(bad_inputs / "run"))
-    assert out.returncode == 2
-    assert out.stderr == f"jaxlm: error: {message.format(tmp=bad_inputs)}\n"
+    code = main(["train", *config, *TINY, *overrides, "--run-dir", str(bad_inputs / "run")])
+    assert code == 2
+    assert capsys.readouterr().err == f"jaxlm: error: {message.format(tmp=bad_inputs)}\n"
 
 
 def test_invalid_yaml(bad_inputs):
