@@ -75,21 +75,28 @@ def pytest_configure(config):
 # its reordering by test count), so starting these first lets the workers finish
 # together instead of one running a long file alone at the end.
 SLOWEST_FIRST = [
-    "test_multihost.py",
-    "test_gcs_emulator.py",
     "test_reliability.py",
     "test_bert.py",
-    "test_observe.py",
-    "test_train.py",
+    "test_multihost.py",
     "test_t5.py",
-    "test_train_families.py",
-    "test_eval.py",
-    "test_mesh_restore.py",
+    "test_gcs_emulator.py",
     "test_sharding.py",
-    "test_grad_accum.py",
+    "test_attention.py",
+    "test_aot.py",
+    "test_observe.py",
     "test_sft.py",
+    "test_eval.py",
+    "test_train.py",
+    "test_hf.py",
+    "test_mesh_restore.py",
+    "test_generate.py",
     "test_lora.py",
-    "test_bad_input.py",
+    "test_grad_accum.py",
+    "test_model.py",
+    "test_train_families.py",
+    "test_cli.py",
+    "test_t5_hf.py",
+    "test_span_corruption.py",
 ]
 
 

@@ -3,6 +3,7 @@ computation, BLEU/ROUGE against sacrebleu and rouge-score, BERT's accuracies."""
 
 import json
 import math
+import subprocess
 
 import jax
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 import sacrebleu
 from rouge_score import rouge_scorer
 
+from jaxlm.cli import main
 from jaxlm.config import load_config
 from jaxlm.data.pipeline import make_dataset
 from jaxlm.data.sources import read_documents
@@ -19,7 +21,19 @@ from jaxlm.models import build_model
 from jaxlm.pretrained import load_pretrained, save_pretrained
 
 from .conftest import CORPUS, TINY
-from .test_cli import jaxlm
+
+
+@pytest.fixture
+def jaxlm(capsys):
+    """`jaxlm ARGS` through `main` in this process: its exit code and captured output."""
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        code = main(list(args))
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(args, code, out, err)
+
+    return run
+
 
 SEQ = 64
 
@@ -43,7 +57,7 @@ def gpt_dir(tmp_path_factory, corpus_docs):
     return make_model_dir(tmp_path_factory.mktemp("gpt"), [], corpus_docs)
 
 
-def test_perplexity_and_bits_per_byte_match_a_per_document_reference(gpt_dir, tmp_path):
+def test_perplexity_and_bits_per_byte_match_a_per_document_reference(gpt_dir, tmp_path, jaxlm):
     model, params, tok, _ = load_pretrained(gpt_dir)
     # Short lines, each shorter than a row: packing must not change any token's context.
     lines = [line for line in CORPUS.read_text().splitlines()[:400] if line.strip()]
@@ -96,7 +110,7 @@ def test_eval_is_independent_of_batch_size(gpt_dir, corpus_docs):
     assert by4["loss"] == pytest.approx(by8["loss"], rel=1e-5)
 
 
-def test_bleu_and_rouge_equal_the_reference_packages(tmp_path):
+def test_bleu_and_rouge_equal_the_reference_packages(tmp_path, jaxlm):
     preds = ["the cat sat on the mat", "a quick brown fox jumps", "hello there world"]
     refs = ["the cat is on the mat", "the quick brown fox jumped", "hello world"]
     file = tmp_path / "pred.jsonl"
@@ -121,7 +135,7 @@ def test_bleu_and_rouge_equal_the_reference_packages(tmp_path):
     assert overlap_scores(refs, refs)["bleu"] == pytest.approx(100.0)
 
 
-def test_bad_eval_inputs_fail_readably(tmp_path):
+def test_bad_eval_inputs_fail_readably(tmp_path, jaxlm):
     file = tmp_path / "pred.jsonl"
     file.write_text('{"prediction": "x"}\n')
     out = jaxlm("eval", "--predictions", str(file))
