@@ -62,6 +62,7 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     from jaxlm.config import load_config
     from jaxlm.data.pipeline import split_documents
     from jaxlm.data.sources import read_documents
+    from jaxlm.data.tasks import sample_examples
     from jaxlm.data.tokenizer import load_tokenizer, train_tokenizer
 
     config_path, overrides = _split_overrides(args.config)
@@ -69,8 +70,23 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     docs = read_documents(config.data.path, config.data.text_field, config.data.split)
     train_docs, _ = split_documents(docs, config.data.eval_fraction)
     tok = config.tokenizer
-    out = train_tokenizer(train_docs, args.out, tok.vocab_size, tok.model_type)
+    sample = sample_examples(config, train_docs)  # bounded, whatever the corpus size
+    out = train_tokenizer(sample, args.out, tok.vocab_size, tok.model_type)
     print(f"wrote {out} ({load_tokenizer(out).get_piece_size()} pieces)")
+    return 0
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> int:
+    from jaxlm.config import load_config
+    from jaxlm.data.shards import prepare
+
+    config_path, overrides = _split_overrides(args.config)
+    config = load_config(config_path, overrides)
+    m = prepare(config, args.out, args.workers, int(args.shard_mb * 2**20), not args.no_progress)
+    print(
+        f"wrote {len(m['shards'])} shards ({m['resumed_shards']} kept from before): "
+        f"{m['records']} documents, {m['tokens']} tokens -> {args.out}"
+    )
     return 0
 
 
@@ -333,6 +349,18 @@ def build_parser() -> argparse.ArgumentParser:
     tok_train.add_argument("config", nargs="+", help="CONFIG.yaml followed by key=value overrides")
     tok_train.add_argument("--out", default="tokenizer.model", help="output .model file")
     tok_train.set_defaults(func=cmd_tokenizer_train)
+
+    data = sub.add_parser("data", help="corpus tools")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    prep = data_sub.add_parser(
+        "prepare", help="tokenize a config's corpus into ArrayRecord shards (resumable)"
+    )
+    prep.add_argument("config", nargs="+", help="CONFIG.yaml followed by key=value overrides")
+    prep.add_argument("--out", required=True, help="output directory (then data.path=DIR)")
+    prep.add_argument("--workers", type=int, default=1, help="tokenizing processes")
+    prep.add_argument("--shard-mb", type=float, default=64, help="source text per shard, MB")
+    prep.add_argument("--no-progress", action="store_true", help="no progress bar")
+    prep.set_defaults(func=cmd_data_prepare)
 
     aot = sub.add_parser(
         "compile", help="compile the train step for a Cloud TPU topology here (needs [tpu])"
