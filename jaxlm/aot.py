@@ -226,12 +226,12 @@ ESTIMATE_COMPILER_OPTIONS = {
 
 def _lower(config: Config, mesh: Any, rules: Any) -> tuple[Any, Any, Any]:
     """The trainer's jitted step, lowered for abstract state and batch on `mesh`."""
-    from jaxlm.train.objectives import for_family
+    from jaxlm.train.objectives import for_model
     from jaxlm.train.step import batch_shardings, train_steps
 
     t_cfg = config.train
     _, abstract, _, _, (step, _) = train_steps(config, mesh, rules)
-    objective = for_family(config.model.family)
+    objective = for_model(config.model)
     in_batch = batch_shardings(mesh, rules, objective.batch_ranks)
     shapes = objective.batch_shapes(t_cfg.batch_size, t_cfg.seq_len, config.data.target_len)
     batch = {

@@ -56,6 +56,9 @@ class DataConfig:
     mean_noise_span_length: float = 3.0
     split: str = "paragraph"  # how .txt files become documents: paragraph | line | file
     eval_fraction: float = 0.1  # the last documents, held out
+    # Extractive QA (bert, model.head=qa): context tokens between the starts of a
+    # passage's windows when it is longer than a row (BERT's doc_stride; 0 = seq_len / 2).
+    doc_stride: int = 0
     shuffle: bool = True
     # Documents are dealt into this many independently packed streams, shared out among
     # the processes (0 = one per process). Fixed, it makes the global batch, and the
@@ -316,12 +319,6 @@ def check_trainable(c: Config) -> None:
         "model.nsp_head",
         f"{c.model.family} trains the MLM + NSP objective, which needs the NSP head",
     )
-    _check(
-        family_of(c.model).data != "extractive_qa",
-        "model.head",
-        "qa: jaxlm train has no extractive QA data task yet (train in Python with "
-        "jaxlm.data.extractive_qa and jaxlm.train.objectives.for_model)",
-    )
 
 
 def _check_sft(c: Config) -> None:
@@ -368,6 +365,7 @@ def validate(c: Config) -> Config:
         "must be paragraph, line or file",
     )
     _check(0.0 < c.data.eval_fraction < 1.0, "data.eval_fraction", "must be in (0, 1)")
+    _check(c.data.doc_stride >= 0, "data.doc_stride", "must be >= 0 (0 = train.seq_len / 2)")
     _check_sft(c)
     validate_lora(m, c.lora)
     for key in (

@@ -69,8 +69,9 @@ def _latest_step(checkpoints: epath.Path) -> int:
     return steps[-1]
 
 
-def _restore_params(directory: epath.Path, abstract: Any, what: str) -> Any:
-    """Params from an orbax tree at `directory`; `what` names it in errors."""
+def _restore_params(directory: epath.Path, abstract: Any, what: str, partial: bool = False) -> Any:
+    """Params from an orbax tree at `directory`; `what` names it in errors. `partial`:
+    `abstract` may be part of the saved params (a fine-tune with another head)."""
     try:
         with ocp.PyTreeCheckpointer() as checkpointer:
             if what == "state":  # a TrainState tree: take `params`, leave the rest on disk
@@ -90,6 +91,7 @@ def _restore_params(directory: epath.Path, abstract: Any, what: str) -> Any:
                 args=ocp.args.PyTreeRestore(
                     item=abstract,
                     restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+                    partial_restore=partial,
                 ),
             )
     except Exception as err:  # orbax/tensorstore raise many types for unreadable data
@@ -97,12 +99,13 @@ def _restore_params(directory: epath.Path, abstract: Any, what: str) -> Any:
         raise JaxlmError(f"{directory}: cannot restore the params: {first_line}") from None
 
 
-def restore_params(directory: PathLike, abstract: Any) -> Any:
+def restore_params(directory: PathLike, abstract: Any, partial: bool = False) -> Any:
     """The params of a model directory (`params/`) or a run directory (its newest
-    committed checkpoint), restored onto the shardings of `abstract`."""
+    committed checkpoint), restored onto the shardings of `abstract` (with `partial`,
+    a part of them)."""
     directory = epath.Path(directory)
     if (directory / PARAMS_DIR).is_dir():
-        return _restore_params(as_path(directory / PARAMS_DIR), abstract, "params")
+        return _restore_params(as_path(directory / PARAMS_DIR), abstract, "params", partial)
     if (directory / CHECKPOINTS_DIR).is_dir():
         step = _latest_step(directory / CHECKPOINTS_DIR)
         state_dir = as_path(directory / CHECKPOINTS_DIR / str(step) / "state")

@@ -85,6 +85,7 @@ SLOWEST_FIRST = [
     "test_aot.py",
     "test_observe.py",
     "test_sft.py",
+    "test_bert_qa_train.py",
     "test_eval.py",
     "test_train.py",
     "test_hf.py",

@@ -258,17 +258,6 @@ def test_qa_loss_matches_numpy_and_falls(wordpiece, xquad):
     assert float(loss) < 0.3 * float(loss0)
 
 
-def test_train_refuses_the_qa_head_in_one_line():
-    """No `jaxlm train` data task feeds QA rows yet: one line naming model.head, not a
-    crash; the MLM + NSP check no longer claims a QA model needs the NSP head."""
-    from jaxlm.config import Config, check_trainable
-    from jaxlm.errors import ConfigError
-
-    model = ModelConfig(family="bert", head="qa", nsp_head=False)
-    with pytest.raises(ConfigError, match="model.head.*no extractive QA data task"):
-        check_trainable(Config(model=model))
-
-
 def test_eval_task_qa_answers_with_the_best_span(hf_qa, converted_qa, tmp_path):
     """`jaxlm eval MODEL --task qa` on a QA-head BERT decodes spans over windows: its
     answers are those of transformers' logits on the same rows, every span tried."""

@@ -7,8 +7,16 @@ edge lies whole in the next. Each row keeps its context tokens' character spans
 answer's first and last token positions, or 0 ([CLS], "no answer here") for a window
 that does not hold the whole answer.
 
-Tokens come from the tokenizer's own character offsets (`encode_with_offsets`, a
-Hugging Face `tokenizer.json` tokenizer such as BERT's WordPiece).
+Tokens come with their character spans: a Hugging Face `tokenizer.json` tokenizer
+(BERT's WordPiece) gives them (`encode_with_offsets`); a sentencepiece model's pieces
+carry UTF-8 byte spans, turned into character spans here, so a BERT pretrained by
+`jaxlm train` with its own tokenizer fine-tunes on QA too. A span leaves out its
+piece's leading whitespace (sentencepiece's `▁`), as WordPiece's do, so answers
+have no stray space.
+
+For `jaxlm train` (model.head=qa) the data is SQuAD-layout JSONL (`read_passages`,
+one passage with its questions a line, checked by the qa task's reader), the splits
+become training rows up front (`training_rows`) and `qa_stream` deals them out.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import grain
 import numpy as np
 
 from jaxlm.errors import JaxlmError
@@ -38,6 +47,33 @@ class QaFeatures:
 
     def __len__(self) -> int:
         return len(self.example)
+
+
+def piece_offsets(tokenizer: Any, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """Ids and [start, end) character spans of a sentencepiece encoding of `text`.
+
+    sentencepiece's spans count UTF-8 bytes; a byte inside a character maps to that
+    character, so the byte pieces byte fallback splits one character into are empty
+    spans at its start but the last, which covers it."""
+    proto = tokenizer.encode(text, out_type="proto")
+    widths = [len(c.encode("utf-8")) for c in text]
+    char_at = [*np.repeat(np.arange(len(text)), widths).tolist(), len(text)]  # byte -> char
+    ids = [piece.id for piece in proto.pieces]
+    return ids, [(char_at[piece.begin], char_at[piece.end]) for piece in proto.pieces]
+
+
+def encode_with_offsets(tokenizer: Any, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    """Ids and character spans of `text`, each span without its leading whitespace."""
+    if hasattr(tokenizer, "encode_with_offsets"):  # a tokenizer.json tokenizer
+        ids, spans = tokenizer.encode_with_offsets(text)
+    else:
+        ids, spans = piece_offsets(tokenizer, text)
+    trimmed = []
+    for start, end in spans:
+        while start < end and text[start].isspace():
+            start += 1
+        trimmed.append((start, end))
+    return list(ids), trimmed
 
 
 def _answer_tokens(offsets: Sequence[tuple[int, int]], start: int, end: int) -> tuple[int, int]:
@@ -69,14 +105,14 @@ def qa_features(
 ) -> QaFeatures:
     """Rows for each (question, context); `answers` (character start, text) per question
     (None for none) gives the rows' answer positions. Questions longer than
-    `max_question_len` tokens are cut; `stride` is the step between windows' starts."""
-    if not hasattr(tokenizer, "encode_with_offsets"):
-        raise JaxlmError("extractive QA needs a tokenizer.json tokenizer (character offsets)")
+    `max_question_len` tokens, or half a row, are cut; `stride` is the step between
+    windows' starts."""
+    max_question_len = min(max_question_len, seq_len // 2)
     cls, sep, pad = _specials(tokenizer)
     rows: list[tuple[list[int], int, list[tuple[int, int]], int, int, int]] = []
     for n, (question, context) in enumerate(zip(questions, contexts, strict=True)):
         q_ids = tokenizer.encode(question)[:max_question_len]
-        c_ids, c_offsets = tokenizer.encode_with_offsets(context)
+        c_ids, c_offsets = encode_with_offsets(tokenizer, context)
         room = seq_len - len(q_ids) - 3
         if room < 1:
             raise JaxlmError(
@@ -122,3 +158,90 @@ def _stack(rows: list, seq_len: int, pad: int) -> QaFeatures:
         np.array([row[4] for row in rows], np.int32),
         np.array([row[5] for row in rows], np.int32),
     )
+
+
+def read_passages(path: str) -> list[dict]:
+    """The SQuAD-layout records (one passage and its questions a line) of the JSONL
+    files at `path`, each checked by `jaxlm eval --task qa`'s reader: a missing field
+    or an answer not at its `answer_start` is one error naming file and line."""
+    from jaxlm.data.sources import jsonl_file_records
+    from jaxlm.evaluation.tasks import get_task
+
+    read = get_task("qa").read
+    expected = "extractive QA data must be JSONL records {id, context, qas: [...]}"
+    records = []
+    for file, number, record in jsonl_file_records(path, expected):
+        if not isinstance(record, dict):
+            raise JaxlmError(f"data file {file}, line {number}: not a JSON object")
+        read(record, f"data file {file}, line {number}")
+        records.append(record)
+    if not records:
+        raise JaxlmError(f"data.path: no extractive QA records at {path!r}")
+    return records
+
+
+def passage_text(records: Sequence[dict]) -> list[str]:
+    """Every passage and question: the text a tokenizer for this data is trained on."""
+    return [t for r in records for t in (r["context"], *(q["question"] for q in r["qas"]))]
+
+
+Row = dict[str, np.ndarray]
+
+
+def training_rows(
+    records: Sequence[dict], tokenizer: Any, seq_len: int, stride: int
+) -> list[list[Row]]:
+    """Each passage's training rows (one per question and window), as the objective
+    reads them: `segment_ids` is 1 on real tokens. A question trains on its first
+    answer, as SQuAD's training split has one."""
+    out = []
+    for record in records:
+        qas = record["qas"]
+        answers = [(q["answers"]["answer_start"][0], q["answers"]["text"][0]) for q in qas]
+        f = qa_features(
+            tokenizer,
+            [q["question"] for q in qas],
+            [record["context"]] * len(qas),
+            seq_len,
+            stride,
+            answers,
+        )
+        out.append(
+            [
+                {
+                    "inputs": f.tokens[r],
+                    "token_types": f.token_types[r],
+                    "segment_ids": f.mask[r],
+                    "start_positions": f.start_positions[r],
+                    "end_positions": f.end_positions[r],
+                }
+                for r in range(len(f))
+            ]
+        )
+    return out
+
+
+def qa_stream(
+    passages: Sequence[list[Row]],
+    tokenizer: Any,
+    index: int,
+    num_streams: int,
+    *,
+    seq_len: int,
+    rows: int,
+    seed: int,
+    shuffle: bool,
+    repeat: bool,
+) -> grain.IterDataset:
+    """One stream of QA batches (the `make_stream` of data/pipeline.py): the stream's
+    passages are dealt by passage, so a passage's windows stay in one stream, then its
+    rows are shuffled one by one."""
+    from jaxlm.data.pipeline import READ_OPTIONS
+
+    mine = [row for passage in passages[index::num_streams] for row in passage]
+    ds = grain.MapDataset.source(mine)
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    if repeat:
+        ds = ds.repeat(None)
+    return ds.to_iter_dataset(READ_OPTIONS).batch(rows, drop_remainder=True)

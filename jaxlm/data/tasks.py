@@ -6,7 +6,8 @@ A family names its task in `FAMILIES[...].data`: `packed` documents in rows
 on `sft` examples instead when `data.format` says so, or, at `auto`, when the JSONL
 records are prompt/completion pairs or conversations (data/sft.py). A `seq2seq` family
 pretrains with T5's `span_corruption` (data/span_corruption.py) on plain text: at
-`data.format=text`, or at `auto` when no data file is JSONL. All share
+`data.format=text`, or at `auto` when no data file is JSONL. BERT's QA head
+(`model.head=qa`) trains on `extractive_qa` passages (data/extractive_qa.py). All share
 `make_dataset`'s per-process streams, so sharding over hosts and the checkpointed data
 position work the same for every family.
 """
@@ -20,11 +21,11 @@ from typing import Any
 import sentencepiece as spm
 
 from jaxlm.config import Config
-from jaxlm.data import mlm, seq2seq, sft, span_corruption
+from jaxlm.data import extractive_qa, mlm, seq2seq, sft, span_corruption
 from jaxlm.data.pipeline import check_enough_text
 from jaxlm.data.sources import list_files, read_documents
 from jaxlm.errors import JaxlmError
-from jaxlm.model_config import FAMILIES
+from jaxlm.model_config import FAMILIES, family_of
 
 
 def is_sft(config: Config) -> bool:
@@ -50,7 +51,7 @@ def is_plain_text(config: Config) -> bool:
 def _task(config: Config) -> str:
     if is_sft(config):
         return "sft"
-    task = FAMILIES[config.model.family].data
+    task = family_of(config.model).data  # BERT's QA head: extractive_qa
     if task == "seq2seq" and is_plain_text(config):
         return "span_corruption"
     return task
@@ -77,13 +78,15 @@ def read_examples(config: Config) -> list[Any]:
         return seq2seq.read_pairs(d.path, d.source_field, d.target_field)
     if _task(config) == "sft":
         return sft.read_records(d.path, d)
+    if _task(config) == "extractive_qa":
+        return extractive_qa.read_passages(d.path)
     return read_documents(d.path, d.text_field, d.split)
 
 
 def check_enough(config: Config, train_examples: Sequence[Any]) -> None:
     """Refuse a training split that cannot fill one batch, before a tokenizer is trained."""
     t = config.train
-    if _task(config) == "sft":  # rows are packed from whole examples, repeated
+    if _task(config) in ("sft", "extractive_qa"):  # rows of whole examples, repeated
         return
     if _task(config) == "seq2seq":
         if len(train_examples) < t.batch_size:
@@ -103,6 +106,8 @@ def tokenizer_corpus(config: Config, train_examples: Sequence[Any]) -> list[str]
         return [text for pair in train_examples for text in pair]
     if _task(config) == "sft":
         return sft.corpus(train_examples)
+    if _task(config) == "extractive_qa":
+        return extractive_qa.passage_text(train_examples)
     return list(train_examples)
 
 
@@ -151,6 +156,8 @@ def stream_maker(config: Config, tokenizer: spm.SentencePieceProcessor) -> Calla
         )
     if _task(config) == "sft":
         return sft.sft_stream
+    if _task(config) == "extractive_qa":
+        return extractive_qa.qa_stream
     return None
 
 
@@ -167,6 +174,10 @@ def encode_splits(
     (span corruption prints its chunk and corrupted lengths when `log`)."""
     if log and _task(config) == "span_corruption":
         print(_describe_span_corruption(config, seq_len or config.train.seq_len))
+    if _task(config) == "extractive_qa":  # passages -> rows of windows, up front
+        n = seq_len or config.train.seq_len
+        stride = config.data.doc_stride or n // 2
+        return [extractive_qa.training_rows(s, tokenizer, n, stride) for s in splits]
     if not any(isinstance(example, sft.Record) for split in splits for example in split[:1]):
         return list(splits)
     seq_len = seq_len or config.train.seq_len

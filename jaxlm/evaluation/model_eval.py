@@ -25,7 +25,7 @@ from jaxlm.data.tasks import encode_splits, stream_maker
 from jaxlm.errors import JaxlmError
 from jaxlm.model_config import FAMILIES
 from jaxlm.train.metrics import perplexity
-from jaxlm.train.objectives import for_family
+from jaxlm.train.objectives import for_model
 from jaxlm.train.step import make_eval_step
 
 Batch = dict[str, np.ndarray]
@@ -74,7 +74,7 @@ def evaluate_model(
         raise JaxlmError(f"--seq-len {seq_len} exceeds the model's max_len {config.model.max_len}")
     if not examples:
         raise JaxlmError("no examples to evaluate")
-    objective = for_family(family)
+    objective = for_model(config.model)
     # SFT examples (data/sft.py) are scored on their counted tokens, in packed rows.
     is_sft = isinstance(examples[0], sft.Record)
     examples = encode_splits(config, tokenizer, [examples], seq_len, log=False)[0]

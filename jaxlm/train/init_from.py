@@ -24,6 +24,7 @@ from flax import linen as nn
 
 from jaxlm.config import Config, load_config
 from jaxlm.errors import ConfigError, JaxlmError
+from jaxlm.model_config import ModelConfig
 from jaxlm.models.lora import ADAPTER_NAMES
 from jaxlm.train.state import param_shapes
 
@@ -107,6 +108,62 @@ def check_same_shapes(source: dict[str, tuple], target: dict[str, tuple], where:
             )
 
 
+def _groups(paths: set[str], shared_top: set[str]) -> list[str]:
+    """Parameter groups for a message: a top-level module, or, inside one both models
+    have (the encoder), its submodule."""
+    out = set()
+    for path in paths:
+        parts = path.split("/")
+        out.add("/".join(parts[:2] if parts[0] in shared_top else parts[:1]))
+    return sorted(out)
+
+
+def _load_other_head(directory: Path, source: ModelConfig, target: ModelConfig, params: Any) -> Any:
+    """Weights of a run with another task head (BERT pretrained with MLM + NSP, this
+    run with the QA head): the parameters both heads' models have are loaded, those
+    only this run's head has keep their fresh init, the source's own are left out.
+    The shared body must match shape for shape, as it must for the same head."""
+    from jaxlm.model_dir import restore_params
+
+    def flat(tree: Any) -> dict[str, Any]:
+        pairs = jax.tree_util.tree_flatten_with_path(tree)[0]
+        return {"/".join(str(k.key) for k in path): leaf for path, leaf in pairs}
+
+    # The source's architecture with this run's head: its body must be this model's.
+    rebodied = dataclasses.replace(source, head=target.head, nsp_head=target.nsp_head)
+    check_same_shapes(_shapes(nn.meta.unbox(param_shapes(rebodied))), _shapes(params), directory)
+    theirs = set(_shapes(nn.meta.unbox(param_shapes(source))))
+    mine = flat(params)
+    shared = theirs & set(mine)
+    top = {p.split("/")[0] for p in shared}
+    print(
+        f"init_from {directory}: loaded {', '.join(_groups(shared, set()))} "
+        f"(head {source.resolved().head} -> {target.resolved().head}); freshly initialised: "
+        f"{', '.join(_groups(set(mine) - shared, top)) or 'nothing'}; dropped: "
+        f"{', '.join(_groups(theirs - shared, top)) or 'nothing'}"
+    )
+
+    def subset(tree: Any, prefix: str = "") -> Any:
+        """`tree` with only the shared leaves (None for none)."""
+        if not isinstance(tree, Mapping):
+            return tree if prefix[:-1] in shared else None
+        kept = {k: subset(v, f"{prefix}{k}/") for k, v in tree.items()}
+        return {k: v for k, v in kept.items() if v is not None} or None
+
+    abstract = jax.tree_util.tree_map(
+        lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=p.sharding), subset(params)
+    )
+    loaded = flat(restore_params(directory, abstract, partial=True))
+    return _unflatten_like(params, lambda path, leaf: loaded.get(path, leaf))
+
+
+def _unflatten_like(tree: Any, fn: Any, prefix: str = "") -> Any:
+    """`tree` with each leaf replaced by `fn(its path, leaf)`."""
+    if not isinstance(tree, Mapping):
+        return fn(prefix[:-1], tree)
+    return {k: _unflatten_like(v, fn, f"{prefix}{k}/") for k, v in tree.items()}
+
+
 def _base(params: Any) -> Any:
     """`params` without LoRA adapters: the tree a checkpoint of the plain model holds."""
     if not isinstance(params, Mapping):
@@ -138,9 +195,12 @@ def load_init_params(config: Config, params: Any) -> Any:
         base = read_hf_params(directory, config.model, abstract)
     else:
         source = load_config(directory / CONFIG_FILE).model
-        shapes = _shapes(nn.meta.unbox(param_shapes(source)))
-        check_same_shapes(shapes, _shapes(abstract), directory)
-        base = restore_params(directory, abstract)
+        if source.resolved().head != config.model.resolved().head:
+            base = _load_other_head(directory, source, config.model, _base(params))
+        else:
+            shapes = _shapes(nn.meta.unbox(param_shapes(source)))
+            check_same_shapes(shapes, _shapes(abstract), directory)
+            base = restore_params(directory, abstract)
     params = _with_adapters(base, params)
     if config.lora.init_from:
         from jaxlm.hf.peft import load_peft_adapter

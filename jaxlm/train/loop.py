@@ -36,7 +36,7 @@ from jaxlm.paths import as_path
 from jaxlm.train import faults
 from jaxlm.train.init_from import check_init_from, load_init_params, resolve_init_from
 from jaxlm.train.metrics import MetricsWriter, peak_flops_per_device, perplexity
-from jaxlm.train.objectives import for_family
+from jaxlm.train.objectives import for_model
 from jaxlm.train.preemption import Preempted, PreemptionGuard
 from jaxlm.train.state import TrainState, count_params, init_state
 from jaxlm.train.step import batch_shardings, train_steps
@@ -80,6 +80,8 @@ def prepare_tokenizer(config: Config, run_dir: epath.Path, train_docs: list[str]
 
 
 def resolve_vocab(config: Config, tokenizer_size: int) -> Config:
+    if config.tokenizer.path:  # a given tokenizer's size, not the one a trained would have
+        config = config.replace(tokenizer={"vocab_size": tokenizer_size})
     if config.model.vocab_size == 0:
         return config.replace(model={"vocab_size": tokenizer_size})
     if config.model.vocab_size < tokenizer_size:
@@ -234,7 +236,7 @@ def train(
     rules = shd.logical_rules(config.mesh)
     data_sharding = shd.batch_sharding(mesh, rules)
     shd.check_batch(t_cfg.batch_size, data_sharding, t_cfg.seq_len, t_cfg.grad_accum)
-    objective = for_family(config.model.family)
+    objective = for_model(config.model)
     if config.data.target_len and objective.target_keys:
         shd.check_batch(t_cfg.batch_size, data_sharding, config.data.target_len)
     data_shardings = batch_shardings(mesh, rules, objective.batch_ranks)

@@ -13,7 +13,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxlm import sharding as shd
 from jaxlm.config import Config
-from jaxlm.train.objectives import CAUSAL_LM, Objective, for_family, token_loss  # noqa: F401
+from jaxlm.train.objectives import CAUSAL_LM, Objective, for_family, for_model, token_loss  # noqa: F401
 from jaxlm.train.optim import make_optimizer, make_schedule
 from jaxlm.train.state import TrainState, abstract_state
 
@@ -238,7 +238,7 @@ def train_steps(
         tx,
         deterministic=config.model.dropout == 0.0 and config.lora.dropout == 0.0,
     )
-    objective = for_family(config.model.family)
+    objective = for_model(config.model)
     steps = jit_steps(
         make_train_step(
             model,
