@@ -39,6 +39,10 @@ class TokenizerConfig:
     path: str = ""
     vocab_size: int = 1024
     model_type: str = "bpe"  # bpe | unigram | char | word
+    # Training reads a seeded random sample of the training documents, not the corpus:
+    # at most this many documents, and stops once it holds sample_bytes characters.
+    sample_docs: int = 100_000
+    sample_bytes: int = 200_000_000  # characters
 
 
 @dataclass(frozen=True)
@@ -55,7 +59,7 @@ class DataConfig:
     noise_density: float = 0.15
     mean_noise_span_length: float = 3.0
     split: str = "paragraph"  # how .txt files become documents: paragraph | line | file
-    eval_fraction: float = 0.1  # the last documents, held out
+    eval_fraction: float = 0.1  # held out: one document in every 1/eval_fraction
     # Extractive QA (bert, model.head=qa): context tokens between the starts of a
     # passage's windows when it is longer than a row (BERT's doc_stride; 0 = seq_len / 2).
     doc_stride: int = 0
@@ -348,6 +352,8 @@ def validate(c: Config) -> Config:
     m, t, o = c.model, c.train, c.optim
     tok = c.tokenizer
     _check(tok.vocab_size >= 16, "tokenizer.vocab_size", "must be at least 16")
+    _check(tok.sample_docs >= 1, "tokenizer.sample_docs", "must be at least 1")
+    _check(tok.sample_bytes >= 1, "tokenizer.sample_bytes", "must be at least 1")
     _check(
         tok.model_type in ("bpe", "unigram", "char", "word"),
         "tokenizer.model_type",

@@ -115,7 +115,7 @@ CASES = [
     (["tokenizer.path={tmp}/none.model"], "tokenizer file not found: {tmp}/none.model"),
     (
         ["data.path={tmp}/short.txt"],
-        "data.path: the training split has at most 45 tokens, fewer than one batch of 8 x 64; "
+        "data.path: the training split has at most 53 tokens, fewer than one batch of 8 x 64; "
         "add text or lower train.batch_size/train.seq_len",
     ),
     (

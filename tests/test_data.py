@@ -121,9 +121,13 @@ def test_processes_read_disjoint_shares(docs, tokenizer):
         assert len(seen) == len(mine)
 
 
-def test_split_documents_holds_out_the_tail(docs):
+def test_split_documents_holds_out_every_tenth(docs):
     train, held = split_documents(docs, 0.1)
-    assert len(held) == 722 and held[-1] == docs[-1] and train + held == docs
+    everything = list(docs)
+    assert list(held) == everything[9::10]
+    assert list(train) == [d for g, d in enumerate(everything) if g % 10 != 9]
+    tiny_train, tiny_held = split_documents(everything[:5], 0.1)  # under 1/f: the last
+    assert list(tiny_train) == everything[:4] and list(tiny_held) == everything[4:5]
 
 
 def test_eval_split_too_small(docs, tokenizer):
@@ -140,7 +144,7 @@ def test_bad_corpora(tmp_path):
     with pytest.raises(JaxlmError, match=r"latin1.txt: not valid UTF-8 \(byte 3, line 1\)"):
         read_documents(str(tmp_path / "latin1.txt"))
     with pytest.raises(JaxlmError, match=r"rec.jsonl, line 2: no string field 'text'"):
-        read_documents(str(tmp_path / "rec.jsonl"))
+        list(read_documents(str(tmp_path / "rec.jsonl")))  # when the record is read
     with pytest.raises(JaxlmError, match="no data files found"):
         read_documents(str(tmp_path / "missing" / "*.txt"))
 
@@ -148,5 +152,5 @@ def test_bad_corpora(tmp_path):
 def test_jsonl_and_directories(tmp_path):
     (tmp_path / "a.jsonl").write_text('{"text": "first doc"}\n\n{"text": "second"}\n')
     (tmp_path / "b.txt").write_text("para one\n\npara two\n")
-    assert read_documents(str(tmp_path)) == ["first doc", "second", "para one", "para two"]
-    assert read_documents(str(tmp_path / "b.txt"), split="file") == ["para one\n\npara two"]
+    assert list(read_documents(str(tmp_path))) == ["first doc", "second", "para one", "para two"]
+    assert list(read_documents(str(tmp_path / "b.txt"), split="file")) == ["para one\n\npara two"]

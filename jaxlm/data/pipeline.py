@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from fractions import Fraction
 from functools import partial
 from typing import Any
 
@@ -18,6 +19,7 @@ import grain
 import numpy as np
 import sentencepiece as spm
 
+from jaxlm.data.sources import LazySequence, max_chars
 from jaxlm.errors import JaxlmError
 
 Batch = dict[str, np.ndarray]
@@ -28,23 +30,74 @@ Batch = dict[str, np.ndarray]
 READ_OPTIONS = grain.ReadOptions(num_threads=min(os.cpu_count() or 1, 16), prefetch_buffer_size=64)
 
 
-def split_documents(docs: Sequence[str], eval_fraction: float) -> tuple[list[str], list[str]]:
-    """Hold out the last documents (a contiguous tail, like nanoGPT's val split)."""
-    n_eval = max(1, round(len(docs) * eval_fraction))
-    if len(docs) - n_eval < 1:
+class SplitView(LazySequence):
+    """The train or eval records of a sequence, by the rule of `split_documents`."""
+
+    def __init__(self, base: Sequence[Any], fraction: float, held_out: bool) -> None:
+        self.base, self.held_out = base, held_out
+        self.n = len(base)
+        ratio = Fraction(fraction).limit_denominator(1_000_000)  # 0.1 is exactly 1/10
+        self.p, self.q = ratio.numerator, ratio.denominator
+        self.n_eval = self._evals_before(self.n)
+        self.tail = self.n_eval == 0  # too few records for the rule: the last one
+        if self.tail:
+            self.n_eval = 1
+
+    def _evals_before(self, g: int) -> int:
+        return g * self.p // self.q
+
+    def __len__(self) -> int:
+        return self.n_eval if self.held_out else self.n - self.n_eval
+
+    def _get(self, i: int) -> Any:
+        return self.base[self.record(i)]
+
+    def record(self, i: int) -> int:
+        """The base index of this split's `i`th record (O(1), no table)."""
+        if self.tail:
+            return self.n - 1 if self.held_out else i
+        if self.held_out:  # the smallest g with floor((g + 1) p / q) > i
+            return -(-(i + 1) * self.q // self.p) - 1
+        g = i * self.q // (self.q - self.p)  # about right; the loops move it at most a step
+        while g + 1 - self._evals_before(g + 1) <= i:
+            g += 1
+        while g - self._evals_before(g) > i:
+            g -= 1
+        return g
+
+    def max_chars(self) -> int | None:
+        return max_chars(self.base)
+
+
+def split_documents(docs: Sequence[Any], eval_fraction: float) -> tuple[Sequence, Sequence]:
+    """Train and eval views of `docs`, chosen from record numbers alone.
+
+    Record g is held out when floor((g + 1) * f) > floor(g * f) (f = eval_fraction):
+    one record in every 1/f, spread evenly over the corpus, the same on every host and
+    in every run, and found without reading a document; each split maps its indices to
+    records by arithmetic, so it costs no memory per record (a hash of each record id
+    would need a table of the train records on every host). A corpus too small for
+    one held-out record holds out its last.
+    """
+    if len(docs) < 2:
         raise JaxlmError(
             f"data.path: only {len(docs)} document(s); need at least 2 to hold out an eval split"
         )
-    return list(docs[:-n_eval]), list(docs[-n_eval:])
+    return SplitView(docs, eval_fraction, False), SplitView(docs, eval_fraction, True)
 
 
 def check_enough_text(docs: Sequence[str], batch_size: int, seq_len: int) -> None:
     """Refuse a training split that cannot fill a single batch.
 
     A token covers at least one character, plus BOS/EOS per document, so this bound
-    needs no tokenizer and fails before one is trained.
+    needs no tokenizer and fails before one is trained. The characters are bounded from
+    file metadata (file sizes), so no document is read; a source without such a bound
+    (ArrayRecord, whose records may be compressed) is not checked here.
     """
-    most_tokens = sum(len(d) for d in docs) + 2 * len(docs)
+    chars = max_chars(docs)
+    if chars is None:
+        return
+    most_tokens = chars + 2 * len(docs)
     if most_tokens < batch_size * seq_len:
         raise JaxlmError(
             f"data.path: the training split has at most {most_tokens} tokens, fewer than one "
@@ -95,7 +148,7 @@ def _stream(
     shuffle: bool,
     repeat: bool,
 ) -> grain.IterDataset:
-    ds = grain.MapDataset.source(list(docs))[index::num_streams]
+    ds = grain.MapDataset.source(docs)[index::num_streams]  # lazy: reads by index
     if shuffle:
         ds = ds.shuffle(seed=seed)
     if repeat:

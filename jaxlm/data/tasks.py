@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
+import numpy as np
 import sentencepiece as spm
 
 from jaxlm.config import Config
@@ -71,8 +72,9 @@ def _sentinel_count(config: Config) -> int:
     return span_corruption.span_counts(length, d.noise_density, d.mean_noise_span_length)[1]
 
 
-def read_examples(config: Config) -> list[Any]:
-    """Documents (str), or (source, target) pairs."""
+def read_examples(config: Config) -> Sequence[Any]:
+    """Documents (str, a lazy source: data/sources.py), or (source, target) pairs and
+    SFT records (in memory)."""
     d = config.data
     if _task(config) == "seq2seq":
         return seq2seq.read_pairs(d.path, d.source_field, d.target_field)
@@ -100,8 +102,31 @@ def check_enough(config: Config, train_examples: Sequence[Any]) -> None:
     check_enough_text(train_examples, t.batch_size, t.seq_len)
 
 
+def sample_examples(config: Config, examples: Sequence[Any]) -> list[Any]:
+    """A seeded random sample of `examples` (all of them, in order, when few enough):
+    at most `tokenizer.sample_docs`, stopping once `tokenizer.sample_bytes` are read
+    (documents' characters), so a tokenizer never reads the corpus."""
+    tok = config.tokenizer
+    n = len(examples)
+    if n <= tok.sample_docs:
+        order: Sequence[int] = range(n)
+    else:  # random order, so the byte cap keeps a random subset
+        rng = np.random.default_rng(config.seed)
+        order = rng.choice(n, tok.sample_docs, replace=False).tolist()
+    sample, size = [], 0
+    for i in order:
+        example = examples[i]
+        sample.append(example)
+        size += len(example) if isinstance(example, str) else 0
+        if size >= tok.sample_bytes:
+            break
+    return sample
+
+
 def tokenizer_corpus(config: Config, train_examples: Sequence[Any]) -> list[str]:
-    """The text a tokenizer is trained on: both sides of seq2seq pairs."""
+    """The text a tokenizer is trained on: a sample of the training examples (see
+    `sample_examples`), both sides of seq2seq pairs."""
+    train_examples = sample_examples(config, train_examples)
     if _task(config) == "seq2seq":
         return [text for pair in train_examples for text in pair]
     if _task(config) == "sft":
