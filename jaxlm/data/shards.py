@@ -19,6 +19,7 @@ after an interruption skips the finished shards and writes the same bytes.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import dataclasses
 import hashlib
 import json
 import multiprocessing
@@ -46,9 +47,6 @@ TOKENIZER_FILE = "tokenizer.model"
 # A shard closes once it holds this much source text; shards are then a few tens of
 # MB of ids, small enough to redo after an interruption.
 SHARD_BYTES = 64 << 20
-# Tokenizer training reads at most this many leading documents when no
-# `tokenizer.path` is given.
-TOKENIZER_SAMPLE_DOCS = 100_000
 
 
 def sha256_file(path: epath.Path) -> str:
@@ -100,9 +98,15 @@ def iter_files(
 ) -> Iterator[tuple[dict[str, Any], list[str]]]:
     """(source entry for the manifest, its documents) one file at a time: only one
     file's text is held at once."""
-    from jaxlm.data.sources import list_files
+    from jaxlm.data.sources import list_files, open_file
 
     for file in list_files(path):
+        if file.suffix in (".array_record", ".parquet"):  # records: read one by one
+            docs = open_file(file, text_field, split)
+            entry = {"path": os.fspath(file), "bytes": file.stat().st_size}
+            entry |= {"mtime": file.stat().mtime, "documents": len(docs)}
+            yield entry, [doc for doc in docs if doc.strip()]
+            continue
         try:
             raw = file.read_bytes()
         except OSError as err:
@@ -145,21 +149,16 @@ def _shards(
         yield index, current
 
 
-def _sample_docs(path: str, text_field: str, split: str, limit: int) -> list[str]:
-    sample: list[str] = []
-    for _, docs in iter_files(path, text_field, split):
-        sample.extend(docs[: limit - len(sample)])
-        if len(sample) >= limit:
-            break
-    return sample
+def tokenizer_model(config: Any, out: epath.Path, resumed: bool) -> bytes:
+    """The serialized tokenizer the shards are made with: `tokenizer.path`'s, the one a
+    resumed prepare trained (DIR/tokenizer.model), or one trained on a sample of the
+    corpus (`tokenizer.sample_docs`/`sample_bytes`) as `jaxlm train` would, so shards
+    and a text run of the same config share one tokenizer (and its cache entry)."""
+    from jaxlm.data import tasks
+    from jaxlm.data.pipeline import split_documents
+    from jaxlm.data.sources import read_documents
+    from jaxlm.data.tokenizer import cache_dir, cached_tokenizer, load_tokenizer
 
-
-def prepare_tokenizer_file(config: Any, out: epath.Path) -> epath.Path:
-    """DIR/tokenizer.model: a copy of `tokenizer.path`, else one trained on the
-    corpus's first `TOKENIZER_SAMPLE_DOCS` documents (cached like the train command's)."""
-    from jaxlm.data.tokenizer import cached_tokenizer, load_tokenizer
-
-    target = out / TOKENIZER_FILE
     tok = config.tokenizer
     if tok.path:
         if tok.path.endswith(".json"):
@@ -169,19 +168,18 @@ def prepare_tokenizer_file(config: Any, out: epath.Path) -> epath.Path:
             )
         source = epath.Path(tok.path)
         load_tokenizer(source)  # a bad file fails here, readably
-        data = source.read_bytes()
-        if not target.is_file() or target.read_bytes() != data:
-            _write_atomic(target, data)
-        return target
-    if target.is_file():  # a resumed prepare keeps the tokenizer it trained
-        return target
+        return source.read_bytes()
+    if resumed and (out / TOKENIZER_FILE).is_file():
+        return (out / TOKENIZER_FILE).read_bytes()
     d = config.data
-    limit = getattr(tok, "sample_docs", 0) or TOKENIZER_SAMPLE_DOCS
-    sample = _sample_docs(d.path, d.text_field, d.split, limit)
-    if not sample:
-        raise JaxlmError(f"data.path: the corpus at {d.path!r} is empty (no non-blank text)")
-    cached_tokenizer(sample, target, tok.vocab_size, tok.model_type)
-    return target
+    train, _ = split_documents(read_documents(d.path, d.text_field, d.split), d.eval_fraction)
+    corpus = tasks.tokenizer_corpus(config, train)
+    symbols = tasks.tokenizer_symbols(config)
+    staged = cache_dir() / "tokenizers" / f"prepare-{os.getpid()}.model"
+    cached_tokenizer(corpus, staged, tok.vocab_size, tok.model_type, symbols)
+    model = staged.read_bytes()
+    staged.unlink()
+    return model
 
 
 def prepare(
@@ -210,22 +208,31 @@ def prepare(
         raise JaxlmError(f"data.path: {d.path} already holds token shards")
     out_dir = epath.Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tok_file = prepare_tokenizer_file(config, out_dir)
-    model = tok_file.read_bytes()
-    tok_sha = hashlib.sha256(model).hexdigest()
-    plan = {
+    plan_file = out_dir / PLAN
+    before = json.loads(plan_file.read_text()) if plan_file.is_file() else None
+    plan: dict[str, Any] = {
         "format": FORMAT,
         "version": VERSION,
-        "tokenizer_sha256": tok_sha,
         "data": {"path": d.path, "text_field": d.text_field, "split": d.split},
+        "tokenizer": dataclasses.asdict(config.tokenizer),
+        "seed": config.seed,  # of the tokenizer's sample
+        "eval_fraction": d.eval_fraction,  # the sample is of the training split
         "shard_bytes": shard_bytes,
     }
-    plan_file = out_dir / PLAN
-    if plan_file.is_file() and json.loads(plan_file.read_text()) != plan:
-        raise JaxlmError(
-            f"{out_dir} holds shards of another prepare (other data, tokenizer or shard "
-            "size, see its prepare.json); use another --out or empty it"
-        )
+    refusal = JaxlmError(
+        f"{out_dir} holds shards of another prepare (other data, tokenizer or shard size, "
+        "see its prepare.json); use another --out or empty it"
+    )
+    if before is not None and {k: v for k, v in before.items() if k != "tokenizer_sha256"} != plan:
+        raise refusal
+    model = tokenizer_model(config, out_dir, resumed=before is not None)
+    tok_sha = hashlib.sha256(model).hexdigest()
+    if before is not None and before.get("tokenizer_sha256") != tok_sha:
+        raise refusal  # tokenizer.path names a file whose content changed
+    plan["tokenizer_sha256"] = tok_sha
+    tok_file = out_dir / TOKENIZER_FILE
+    if not tok_file.is_file() or tok_file.read_bytes() != model:
+        _write_atomic(tok_file, model)
     _write_atomic(plan_file, json.dumps(plan, indent=1).encode())
     (out_dir / MANIFEST).unlink(missing_ok=True)
 
