@@ -46,6 +46,15 @@ class TokenizerConfig:
 
 
 @dataclass(frozen=True)
+class MixtureSource:
+    """One source of `data.mixture`: a corpus (text, JSONL or a `jaxlm data prepare`
+    directory) and its share of the packed rows."""
+
+    path: str = ""
+    weight: float = 1.0
+
+
+@dataclass(frozen=True)
 class DataConfig:
     path: str = "data/tinyshakespeare.txt"  # a file, a directory or a glob
     text_field: str = "text"  # for JSONL
@@ -89,6 +98,10 @@ class DataConfig:
     # An example longer than train.seq_len + 1 tokens is cut on this side: right (drop
     # its end: transformers' default truncation_side) | left (drop its start).
     truncation_side: str = "right"
+    # Several sources in proportion to their weights, each packed on its own
+    # (jaxlm/data/mixture.py): [{path: web/, weight: 0.7}, {path: books/, weight: 0.3}].
+    # Set, it replaces data.path.
+    mixture: list[MixtureSource] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -418,6 +431,14 @@ def validate(c: Config) -> Config:
         [getattr(c.mesh, a) for a in MESH_AXES].count(-1) <= 1,
         "mesh",
         "at most one axis may be -1",
+    )
+    for i, source in enumerate(c.data.mixture):
+        _check(bool(source.path), f"data.mixture[{i}].path", "must name a file, directory or glob")
+        _check(source.weight >= 0, f"data.mixture[{i}].weight", f"{source.weight} is negative")
+    _check(
+        not c.data.mixture or sum(s.weight for s in c.data.mixture) > 0,
+        "data.mixture",
+        "the weights are all zero",
     )
     _check(c.data.streams >= 0, "data.streams", "must be >= 0 (0 = one per process)")
     _check(c.data.target_len >= 0, "data.target_len", "must be >= 0 (0 = train.seq_len)")

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from jaxlm import checkpoint as ckpt
 from jaxlm import sharding as shd
 from jaxlm.config import Config, check_trainable, load_config, to_yaml
-from jaxlm.data import tasks
+from jaxlm.data import mixture, tasks
 from jaxlm.data.hf_tokenizer import prepare_hf_tokenizer
 from jaxlm.data.pipeline import eval_batches, make_dataset, split_documents
 from jaxlm.data.tokenizer import cached_tokenizer, load_tokenizer
@@ -242,15 +242,18 @@ def train(
     data_shardings = batch_shardings(mesh, rules, objective.batch_ranks)
 
     # Data and tokenizer: cheap, and the commonest source of user errors.
-    docs = tasks.read_examples(config)
-    train_docs, held_out = split_documents(docs, config.data.eval_fraction)
-    tasks.check_enough(config, train_docs)
-    tokenizer = prepare_tokenizer(config, run_dir, tasks.tokenizer_corpus(config, train_docs))
-    # SFT examples are rendered and tokenized here, before any compile.
-    train_docs, held_out = tasks.encode_splits(
-        config, tokenizer, [train_docs, held_out], log=proc == 0
-    )
-    make_stream = tasks.stream_maker(config, tokenizer)
+    if mixture.uses_token_data(config):  # token shards or data.mixture
+        train_docs, held_out, tokenizer, make_stream = mixture.token_data(config, run_dir)
+    else:
+        docs = tasks.read_examples(config)
+        train_docs, held_out = split_documents(docs, config.data.eval_fraction)
+        tasks.check_enough(config, train_docs)
+        tokenizer = prepare_tokenizer(config, run_dir, tasks.tokenizer_corpus(config, train_docs))
+        # SFT examples are rendered and tokenized here, before any compile.
+        train_docs, held_out = tasks.encode_splits(
+            config, tokenizer, [train_docs, held_out], log=proc == 0
+        )
+        make_stream = tasks.stream_maker(config, tokenizer)
     config = resolve_vocab(config, tokenizer.get_piece_size())
     check_resumable(run_dir, config)
     if proc == 0:  # hosts may share a gs:// run directory
