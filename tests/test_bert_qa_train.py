@@ -78,7 +78,7 @@ def _qa_args(passages, mlm_run, *extra: str) -> list[str]:
         str(QA_CONFIG),
         *BODY,
         f"data.path={passages[0]}",
-        f"tokenizer.path={mlm_run / 'tokenizer.model'}",
+        f"tokenizer.path={mlm_run and mlm_run / 'tokenizer.model'}",
         "data.eval_fraction=0.25",
         "train.batch_size=8",
         "train.seq_len=64",
@@ -116,6 +116,57 @@ def test_init_from_an_mlm_run_loads_its_encoder_and_starts_the_qa_head(
         "qa_outputs/bias",
     }
     assert not any(k.startswith(("mlm/", "nsp/", "encoder/pooler")) for k in mine)
+
+
+def test_init_from_a_hf_bert_for_pretraining_loads_its_encoder(passages, tmp_path, capsys):
+    """`init_from=hf:DIR` with a transformers BertForPreTraining into the QA head: the
+    encoder holds the torch weights, the QA head is new, one line names the groups."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from jaxlm.data.hf_tokenizer import load_hf_tokenizer
+
+    from .test_hf import _wordpiece_tokenizer
+
+    hf_dir = tmp_path / "hf"
+    hf_dir.mkdir()
+    _wordpiece_tokenizer(hf_dir)
+    config = transformers.BertConfig(
+        vocab_size=load_hf_tokenizer(hf_dir).get_piece_size(),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        architectures=["BertForPreTraining"],
+    )
+    torch.manual_seed(0)
+    transformers.BertForPreTraining(config).save_pretrained(hf_dir)
+    want = {
+        k: v.numpy()
+        for k, v in transformers.BertForPreTraining.from_pretrained(hf_dir).state_dict().items()
+    }
+    args = _qa_args(passages, None, f"init_from=hf:{hf_dir}")[2:]
+    qa = load_config(QA_CONFIG, [a for a in args if not a.startswith("tokenizer.path")])
+    state = train(qa, tmp_path / "qa", progress=False, stop_at=0).state
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("init_from")]
+    assert line == [
+        f"init_from {hf_dir}: loaded encoder (head mlm_nsp -> qa); freshly initialised: "
+        "qa_outputs; dropped: encoder/pooler, mlm, nsp"
+    ]
+    mine = _flat(state.params)
+    emb = "bert.embeddings."
+    pairs = {
+        "encoder/embed/embedding": want[emb + "word_embeddings.weight"],
+        "encoder/pos_embed/embedding": want[emb + "position_embeddings.weight"],
+        "encoder/ln_embed/scale": want[emb + "LayerNorm.weight"],
+        "encoder/layers/mlp/fc_in/bias": want["bert.encoder.layer.0.intermediate.dense.bias"][None],
+    }
+    for k, v in pairs.items():
+        np.testing.assert_allclose(mine[k], v, rtol=0, atol=0, err_msg=k)
+    assert {k for k in mine if not k.startswith("encoder/")} == {
+        "qa_outputs/kernel",
+        "qa_outputs/bias",
+    }
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,7 @@ import dataclasses
 import importlib
 import json
 import shutil
+from functools import partial
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -96,9 +97,16 @@ def architecture_of(m: ModelConfig) -> ModuleType:
     )
 
 
-def read_hf_params(directory: str | Path, model: ModelConfig, abstract: Any) -> Any:
+def read_hf_params(
+    directory: str | Path, model: ModelConfig, abstract: Any, fresh: Any = None
+) -> Any:
     """The params of a Hugging Face directory for the jaxlm model `model`, placed on the
-    shardings of `abstract`; every tensor's name and shape is checked first."""
+    shardings of `abstract`; every tensor's name and shape is checked first.
+
+    With `fresh` (params shaped as `abstract`) a checkpoint with another task head
+    (BertForPreTraining into a QA-head BERT) gives the parameters both heads' models
+    have; those only `model`'s head has are `fresh`'s, the checkpoint's own head is
+    left out."""
     hf = read_hf_config(directory)
     module = architecture_for(hf)
     source = module.config_from_hf(hf).resolved()
@@ -110,18 +118,23 @@ def read_hf_params(directory: str | Path, model: ModelConfig, abstract: Any) -> 
                 f"{getattr(m, key)!r} in the model"
             )
     links = module.links(m)
+    ignored = partial(module.ignored, m=m)
+    if fresh is not None and source.head != m.head:
+        theirs = module.links(dataclasses.replace(m, head=source.head, nsp_head=source.nsp_head))
+        links = [link for link in links if link in theirs]
+        dropped = {
+            link.hf.format(i=i) for link in theirs if link not in links for i in range(m.n_layers)
+        }
+        ignored = partial(_ignored_or_in, ignored, dropped)
     with TensorReader(directory, module.rename) as reader:
         if hasattr(module, "stored_links"):  # links that depend on what the file holds
             links = module.stored_links(links, reader.names())
-        check_tensors(
-            reader,
-            links,
-            abstract,
-            m.n_layers,
-            m.scan_layers,
-            lambda name: module.ignored(name, m),
-        )
-        return load_params(reader, links, abstract, m.n_layers, m.scan_layers)
+        check_tensors(reader, links, abstract, m.n_layers, m.scan_layers, ignored)
+        return load_params(reader, links, abstract, m.n_layers, m.scan_layers, fresh)
+
+
+def _ignored_or_in(ignored: Any, names: set[str], name: str) -> bool:
+    return ignored(name) or name in names
 
 
 def _tokenizer_file(directory: Path) -> Path | None:

@@ -143,11 +143,17 @@ def _place(host: np.ndarray, target: Any) -> jax.Array:
 
 
 def load_params(
-    reader: TensorReader, links: list[Link], abstract: Any, n_layers: int, scanned: bool
+    reader: TensorReader,
+    links: list[Link],
+    abstract: Any,
+    n_layers: int,
+    scanned: bool,
+    fresh: Any = None,
 ) -> Any:
     """The params tree of `abstract` (ShapeDtypeStructs with shardings) read from the
     HF tensors, one parameter at a time: a scanned stack is filled layer by layer on
-    the host, placed on the mesh, and dropped before the next parameter is read."""
+    the host, placed on the mesh, and dropped before the next parameter is read.
+    Parameters no link reads are `fresh`'s (a new task head)."""
     params = _paths(abstract)
     by_path: dict[str, list[tuple[Link, int | None]]] = {}
     for link, path, index in _placements(links, n_layers, scanned):
@@ -168,6 +174,8 @@ def load_params(
                 host[index] = value
         out[path] = _place(host, target)
         del host
+    if fresh is not None:
+        out = _paths(fresh) | out
     return _unflatten(abstract, out)
 
 

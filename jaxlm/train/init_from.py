@@ -76,6 +76,8 @@ def resolve_init_from(config: Config) -> Config:
     hf = read_hf_config(directory)
     model = architecture_for(hf).config_from_hf(hf)
     model = dataclasses.replace(model, **{k: getattr(config.model, k) for k in RUN_FIELDS})
+    if config.model.head:  # a task head of the config's own (QA from BertForPreTraining)
+        model = dataclasses.replace(model, head=config.model.head)
     tokenizer = {"vocab_size": model.vocab_size}
     if not config.tokenizer.path:
         for name in ("tokenizer.json", "tokenizer.model"):
@@ -118,6 +120,22 @@ def _groups(paths: set[str], shared_top: set[str]) -> list[str]:
     return sorted(out)
 
 
+def _say_head_change(directory: Path, source: ModelConfig, target: ModelConfig, params: Any) -> set:
+    """Print which parameter groups load, start fresh and are dropped when `source`'s
+    head is not `target`'s; the paths of the loaded ones."""
+    theirs = set(_shapes(nn.meta.unbox(param_shapes(source))))
+    mine = set(_shapes(params))
+    shared = theirs & mine
+    top = {p.split("/")[0] for p in shared}
+    print(
+        f"init_from {directory}: loaded {', '.join(_groups(shared, set()))} "
+        f"(head {source.resolved().head} -> {target.resolved().head}); freshly initialised: "
+        f"{', '.join(_groups(mine - shared, top)) or 'nothing'}; dropped: "
+        f"{', '.join(_groups(theirs - shared, top)) or 'nothing'}"
+    )
+    return shared
+
+
 def _load_other_head(directory: Path, source: ModelConfig, target: ModelConfig, params: Any) -> Any:
     """Weights of a run with another task head (BERT pretrained with MLM + NSP, this
     run with the QA head): the parameters both heads' models have are loaded, those
@@ -132,16 +150,7 @@ def _load_other_head(directory: Path, source: ModelConfig, target: ModelConfig, 
     # The source's architecture with this run's head: its body must be this model's.
     rebodied = dataclasses.replace(source, head=target.head, nsp_head=target.nsp_head)
     check_same_shapes(_shapes(nn.meta.unbox(param_shapes(rebodied))), _shapes(params), directory)
-    theirs = set(_shapes(nn.meta.unbox(param_shapes(source))))
-    mine = flat(params)
-    shared = theirs & set(mine)
-    top = {p.split("/")[0] for p in shared}
-    print(
-        f"init_from {directory}: loaded {', '.join(_groups(shared, set()))} "
-        f"(head {source.resolved().head} -> {target.resolved().head}); freshly initialised: "
-        f"{', '.join(_groups(set(mine) - shared, top)) or 'nothing'}; dropped: "
-        f"{', '.join(_groups(theirs - shared, top)) or 'nothing'}"
-    )
+    shared = _say_head_change(directory, source, target, params)
 
     def subset(tree: Any, prefix: str = "") -> Any:
         """`tree` with only the shared leaves (None for none)."""
@@ -192,7 +201,17 @@ def load_init_params(config: Config, params: Any) -> Any:
     )
     is_hf, directory = _source(config)
     if is_hf:  # names and shapes are checked tensor by tensor while reading
-        base = read_hf_params(directory, config.model, abstract)
+        from jaxlm.hf import architecture_for
+        from jaxlm.hf.hf_config import read_hf_config
+
+        hf = read_hf_config(directory)
+        theirs = architecture_for(hf).config_from_hf(hf)
+        fresh = None  # the same head: every parameter from the checkpoint
+        if theirs.resolved().head != config.model.resolved().head:
+            source = dataclasses.replace(config.model, head=theirs.head, nsp_head=theirs.nsp_head)
+            fresh = _base(params)
+            _say_head_change(directory, source, config.model, fresh)
+        base = read_hf_params(directory, config.model, abstract, fresh=fresh)
     else:
         source = load_config(directory / CONFIG_FILE).model
         if source.resolved().head != config.model.resolved().head:
