@@ -61,9 +61,9 @@ def test_read_documents_from_gs_file_directory_and_glob(gcs):
     (gcs / "corpus" / "a" / "one.txt").write_text(text)
     (gcs / "corpus" / "two.jsonl").write_text('{"text": "hello"}\n{"text": "world"}\n')
     expected = [p.strip("\n") for p in text.split("\n\n") if p.strip()]
-    assert read_documents("gs://bucket/corpus/a/one.txt") == expected
-    assert read_documents("gs://bucket/corpus") == [*expected, "hello", "world"]
-    assert read_documents("gs://bucket/corpus/*.jsonl") == ["hello", "world"]
+    assert list(read_documents("gs://bucket/corpus/a/one.txt")) == expected
+    assert list(read_documents("gs://bucket/corpus")) == [*expected, "hello", "world"]
+    assert list(read_documents("gs://bucket/corpus/*.jsonl")) == ["hello", "world"]
     assert [str(p) for p in glob_files("gs://bucket/corpus/*/*.txt")] == [
         "gs://bucket/corpus/a/one.txt"
     ]
