@@ -207,16 +207,17 @@ def test_first_batches_equal_the_text_path(corpus, prepared, tmp_path):
 
 
 def _train(run_dir, *overrides):
-    return main(["train", "--run-dir", str(run_dir), "--no-progress", *TINY, *overrides])
+    """test_cli.py's tiny run (config, overrides, 12 steps): one compiled program for both."""
+    args = ["configs/shakespeare.yaml", *TINY, "train.steps=12", *overrides]
+    return main(["train", "--run-dir", str(run_dir), "--no-progress", *args])
 
 
 def test_trains_from_shards_and_refuses_another_tokenizer(corpus, prepared, tmp_path, capsys):
     root, docs, _ = corpus
     out, _ = prepared
-    assert _train(tmp_path / "run", f"data.path={out}", "train.steps=2") == 0
-    assert (
-        json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 2
-    )
+    assert _train(tmp_path / "run", f"data.path={out}") == 0
+    last = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1]
+    assert json.loads(last)["step"] == 12
     other = train_tokenizer(docs[:300], tmp_path / "other.model", 520)
     capsys.readouterr()
     assert _train(tmp_path / "r2", f"data.path={out}", f"tokenizer.path={other}") == 2
@@ -237,7 +238,7 @@ def test_trains_from_shards_and_refuses_another_tokenizer(corpus, prepared, tmp_
 def test_trains_on_a_mixture(prepared, tmp_path):
     out, _ = prepared
     mix = f"data.mixture=[{{path: {out}, weight: 0.7}}, {{path: {CORPUS}, weight: 0.3}}]"
-    assert _train(tmp_path / "run", mix, "train.steps=2") == 0
+    assert _train(tmp_path / "run", mix) == 0
 
 
 @pytest.mark.parametrize(
