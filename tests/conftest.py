@@ -78,6 +78,7 @@ SLOWEST_FIRST = [
     "test_reliability.py",
     "test_bert.py",
     "test_multihost.py",
+    "test_data_scale.py",
     "test_t5.py",
     "test_gcs_emulator.py",
     "test_sharding.py",
