@@ -181,7 +181,8 @@ def qa_run(passages, mlm_run, tmp_path_factory):
 
 def test_qa_loss_falls_and_eval_scores_the_runs_predictions(passages, qa_run, tmp_path):
     """The start/end loss on 3 passages falls well below its start; `jaxlm eval RUN
-    --task qa` prints the EM/F1 that SQuAD's metric gives its written predictions."""
+    --task qa` prints the EM/F1 that SQuAD's metric gives its written predictions;
+    `jaxlm eval RUN` gives the held-out loss training logged."""
     records = [json.loads(x) for x in (qa_run / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
     assert len(losses) == QA_STEPS
@@ -198,6 +199,13 @@ def test_qa_loss_falls_and_eval_scores_the_runs_predictions(passages, qa_run, tm
     scores = json.loads(results.read_text())
     assert scores["exact_match"] == pytest.approx(want["exact_match"])
     assert scores["f1"] == pytest.approx(want["f1"])
+
+    # `jaxlm eval RUN` scores the held-out rows as training's eval did (its first batch)
+    args = ["eval", str(qa_run), "--batch-size", "8", "--max-batches", "1"]
+    assert jaxlm_main([*args, "--json", str(results)]) == 0
+    held_out = json.loads(results.read_text())
+    assert held_out["rows"] == 8
+    assert held_out["loss"] == pytest.approx(records[-1]["eval_loss"], rel=1e-5)
 
 
 TEXT = "Zebra café: 6½ 日本 crème brûlée  costs\n€5, naïve."

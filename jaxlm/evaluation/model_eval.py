@@ -113,9 +113,12 @@ def evaluate_model(
 
     results: dict[str, Any] = {"family": family, "batches": n_batches}
     metrics = {k: float(v) for k, v in objective.summarize(totals).items()}
-    if not objective.per_token:
-        results |= {"masked_tokens": int(totals["mlm_tokens"]), **metrics}
-        return results
+    if not objective.per_token:  # BERT: its masked tokens, or its QA head's rows
+        if "mlm_tokens" in totals:
+            results["masked_tokens"] = int(totals["mlm_tokens"])
+        else:
+            results["rows"] = int(totals["examples"])
+        return results | metrics
     results |= {
         "tokens": int(totals["tokens"]),
         "loss": metrics["loss"],
