@@ -228,3 +228,19 @@ def test_bad_records_are_one_line(tmp_path, make, message, capsys, monkeypatch):
     assert code == 2, err[-2000:]
     assert err == f"jaxlm: error: {message.format(d=tmp_path)}\n"
     assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_tokenizer_reads_a_bounded_seeded_sample(tiny_config):
+    from jaxlm.data.tasks import sample_examples
+
+    config = tiny_config.replace(tokenizer={"sample_docs": 50, "sample_bytes": 10**9})
+    corpus = Numbers(10**9)
+    sample = sample_examples(config, corpus)
+    assert len(sample) == 50 and len(set(sample)) == 50
+    assert sorted(corpus.read) == sorted(int(s) for s in sample)  # read those alone
+    assert sample_examples(config, Numbers(10**9)) == sample  # seeded
+    assert sample_examples(config.replace(seed=config.seed + 1), Numbers(10**9)) != sample
+    capped = config.replace(tokenizer={"sample_bytes": 30})  # documents of 8-9 digits
+    assert 3 <= len(sample_examples(capped, Numbers(10**9))) <= 4
+    few = Numbers(20)
+    assert sample_examples(config, few) == [str(i) for i in range(20)]  # all, in order

@@ -11,7 +11,9 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import jax
@@ -56,11 +58,12 @@ def default_run_dir(config: Config) -> epath.Path:
     return as_path("runs") / config.name
 
 
-def prepare_tokenizer(config: Config, run_dir: epath.Path, train_docs: list[str]):
+def prepare_tokenizer(config: Config, run_dir: epath.Path, corpus: Callable[[], list[str]]):
     """The run's tokenizer: the run dir's copy, else `tokenizer.path`, else trained.
 
     Process 0 writes it and the others wait, so hosts sharing a run directory never
-    race on the file or end up with different tokenizers.
+    race on the file or end up with different tokenizers. `corpus` gives the text to
+    train on (a sample of the documents), read only when a tokenizer is trained.
     """
     if config.tokenizer.path.endswith(".json"):  # a Hugging Face tokenizer.json
         return prepare_hf_tokenizer(config.tokenizer.path, run_dir)
@@ -73,7 +76,7 @@ def prepare_tokenizer(config: Config, run_dir: epath.Path, train_docs: list[str]
         else:
             tok = config.tokenizer
             symbols = tasks.tokenizer_symbols(config)
-            cached_tokenizer(train_docs, local, tok.vocab_size, tok.model_type, symbols)
+            cached_tokenizer(corpus(), local, tok.vocab_size, tok.model_type, symbols)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices("jaxlm: tokenizer written")
     return load_tokenizer(local)
@@ -248,7 +251,8 @@ def train(
         docs = tasks.read_examples(config)
         train_docs, held_out = split_documents(docs, config.data.eval_fraction)
         tasks.check_enough(config, train_docs)
-        tokenizer = prepare_tokenizer(config, run_dir, tasks.tokenizer_corpus(config, train_docs))
+        sample = partial(tasks.tokenizer_corpus, config, train_docs)  # read if trained
+        tokenizer = prepare_tokenizer(config, run_dir, sample)
         # SFT examples are rendered and tokenized here, before any compile.
         train_docs, held_out = tasks.encode_splits(
             config, tokenizer, [train_docs, held_out], log=proc == 0
