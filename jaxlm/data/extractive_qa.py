@@ -8,9 +8,9 @@ answer's first and last token positions, or 0 ([CLS], "no answer here") for a wi
 that does not hold the whole answer.
 
 Tokens come with their character spans: a Hugging Face `tokenizer.json` tokenizer
-(BERT's WordPiece) gives them (`encode_with_offsets`); a sentencepiece model's pieces
-carry UTF-8 byte spans, turned into character spans here, so a BERT pretrained by
-`jaxlm train` with its own tokenizer fine-tunes on QA too. A span leaves out its
+(BERT's WordPiece) gives them (`encode_with_offsets`), and so does sentencepiece
+(`piece_offsets`), so a BERT pretrained by `jaxlm train` with its own tokenizer
+fine-tunes on QA too. A span leaves out its
 piece's leading whitespace (sentencepiece's `▁`), as WordPiece's do, so answers
 have no stray space.
 
@@ -52,14 +52,16 @@ class QaFeatures:
 def piece_offsets(tokenizer: Any, text: str) -> tuple[list[int], list[tuple[int, int]]]:
     """Ids and [start, end) character spans of a sentencepiece encoding of `text`.
 
-    sentencepiece's spans count UTF-8 bytes; a byte inside a character maps to that
-    character, so the byte pieces byte fallback splits one character into are empty
-    spans at its start but the last, which covers it."""
-    proto = tokenizer.encode(text, out_type="proto")
-    widths = [len(c.encode("utf-8")) for c in text]
-    char_at = [*np.repeat(np.arange(len(text)), widths).tolist(), len(text)]  # byte -> char
-    ids = [piece.id for piece in proto.pieces]
-    return ids, [(char_at[piece.begin], char_at[piece.end]) for piece in proto.pieces]
+    sentencepiece gives character spans as `offset_mapping` (0.2.3 on) or in an
+    `immutable_proto` (before; 0.2.3 refuses it, and its `proto` counts UTF-8 bytes).
+    The byte pieces byte fallback splits a character into are empty spans at its
+    start but the last, which covers it."""
+    try:
+        out = tokenizer.encode(text, out_type="offset_mapping")
+        return list(out["ids"]), [(int(a), int(b)) for a, b in out["offsets"]]
+    except (RuntimeError, ValueError):  # sentencepiece < 0.2.3: unknown out_type
+        proto = tokenizer.encode(text, out_type="immutable_proto")
+        return [p.id for p in proto.pieces], [(p.begin, p.end) for p in proto.pieces]
 
 
 def encode_with_offsets(tokenizer: Any, text: str) -> tuple[list[int], list[tuple[int, int]]]:
