@@ -146,6 +146,9 @@ class CompileReport:
     xla_flops_per_chip: float = 0.0  # the compiler's count: a scanned layer loop counts once
     largest: list[ArrayLayout] = field(default_factory=list)
     kernels: list[str] = field(default_factory=list)  # Pallas/Mosaic kernels in the step
+    # Kernel calls in the compiled step (a scanned layer loop's body counts once): shows
+    # what remat reruns, e.g. splash's forward twice a layer unless "context" is saved.
+    kernel_calls: int = 0
     error: str = ""  # the compiler's out-of-memory message, when it gave up
     # (count, bytes per chip) per collective kind in one step of the compiled program
     collectives: dict[str, tuple[int, int]] = field(default_factory=dict)
@@ -312,6 +315,8 @@ def compile_train_step(
         needed = re.search(r"HLO temporaries \(([\d.]+)G\)", report.error)
         report.temp_bytes = int(float(needed.group(1)) * GIB) if needed else 0
         return report
+    if report.kernels:
+        report.kernel_calls = compiled.as_text().count('custom_call_target="tpu_custom_call"')
     mem = compiled.memory_analysis()
     report.argument_bytes = mem.argument_size_in_bytes
     report.output_bytes = mem.output_size_in_bytes
@@ -397,6 +402,7 @@ def report_json(r: CompileReport) -> dict[str, Any]:
         "seq_len": r.seq_len,
         "grad_accum": r.grad_accum,
         "kernels": r.kernels,
+        "kernel_calls": r.kernel_calls,
         "error": r.error,
         "fits": r.fits,
         "hbm_bytes": r.topology.hbm_bytes,
@@ -437,7 +443,8 @@ def format_report(r: CompileReport) -> str:
         f"mesh: {mesh}",
         f"parameters: {r.n_params:,}",
         _batch_line(r),
-        f"kernels: {', '.join(r.kernels) or 'none (XLA only)'}",
+        f"kernels: {', '.join(r.kernels) or 'none (XLA only)'}"
+        + (f" ({r.kernel_calls} calls in the compiled step)" if r.kernel_calls else ""),
     ]
     if r.error:
         lines += [

@@ -31,7 +31,10 @@ MESHES = {
     "data": ("mesh.data=-1", "mesh.fsdp=1", "mesh.strategy=data"),
     "config": (),  # the config's own mesh
 }
-DEFAULT_SPACE = {"model.remat": ["none", "dots", "full"], "mesh": ["fsdp", "data"]}
+DEFAULT_SPACE = {
+    "model.remat": ["none", "minimal_with_context", "minimal", "dots", "full"],
+    "mesh": ["fsdp", "data"],
+}
 
 
 def parse_space(words: list[str], chips: int, batch_size: int) -> dict[str, list[str]]:

@@ -91,7 +91,7 @@ class ModelConfig:
     dtype: str = "float32"  # compute
     param_dtype: str = "float32"
     scan_layers: bool = True
-    remat: str = "none"  # none | full | dots
+    remat: str = "none"  # none | full | dots | minimal | minimal_with_context
     # auto (the platform's best, chosen when the model is built for its devices:
     # jaxlm.models.attention.resolve_attention) | einsum (the reference) | dot_product
     # (jax.nn) | flash | splash (Pallas TPU kernels, interpreted off TPU; seq_len a
@@ -378,7 +378,8 @@ def validate_model(m: ModelConfig) -> ModelConfig:
     check(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)")
     check(m.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}")
     check(m.param_dtype in DTYPES, "model.param_dtype", f"must be one of {DTYPES}")
-    check(m.remat in ("none", "full", "dots"), "model.remat", "must be none, full or dots")
+    remats = ("none", "full", "dots", "minimal", "minimal_with_context")
+    check(m.remat in remats, "model.remat", f"must be one of {', '.join(remats)}")
     relative = [name for name, f in FAMILIES.items() if f.defaults["position"] == "relative"]
     check(
         (m.position == "relative") == (m.family in relative),

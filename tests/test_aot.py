@@ -129,6 +129,21 @@ def test_default_attention_compiles_the_splash_kernel_for_tpu():
     assert einsum.kernels == []
 
 
+def test_remat_with_context_keeps_the_splash_forward():
+    """Under `dots` the backward reruns splash's forward (a custom call XLA can't see
+    into); `minimal_with_context` saves its output and log-sum-exp, so each of the two
+    unrolled layers calls forward, dkv and dq once: 6 calls against 8."""
+    llama = ["model.family=llama", "train.seq_len=128", "model.max_len=128", "mesh.fsdp=4"]
+    v5e = parse_topology("v5e-2x2")
+    calls = {
+        remat: compile_train_step(
+            _tiny(*llama, "mesh.data=1", "model.scan_layers=false", f"model.remat={remat}"), v5e
+        ).kernel_calls
+        for remat in ("dots", "minimal_with_context")
+    }
+    assert calls == {"dots": 8, "minimal_with_context": 6}
+
+
 def test_compile_reports_the_compilers_whole_step_estimate(fsdp):
     """What `jaxlm compile` prints (and --json) for the scanned tiny gpt2: the estimate
     covers both layers. The hand formula: 6 N' T + 12 L d S T, N' = parameters without the

@@ -1,4 +1,5 @@
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -115,9 +116,34 @@ def test_remat_keeps_gradients(model_and_params):
         return jax.jit(jax.grad(lambda p: model.apply({"params": p}, tokens).mean()))(params)
 
     base = grads(cfg)
-    for policy in ("full", "dots"):
+    for policy in ("full", "dots", "minimal", "minimal_with_context"):
         jax.tree_util.tree_map(
             lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7),
             base,
             grads(dataclasses.replace(cfg, remat=policy)),
         )
+
+
+@pytest.mark.parametrize(
+    "policy, saved",
+    [
+        ("full", set()),
+        ("minimal", {"query_proj", "key_proj", "value_proj", "out_proj", "mlpwi"}),
+        (
+            "minimal_with_context",
+            {"query_proj", "key_proj", "value_proj", "out_proj", "mlpwi", "context"},
+        ),
+    ],
+)
+def test_remat_policies_save_the_named_activations(model_and_params, policy, saved, capsys):
+    """What the backward keeps, read from JAX's own residual list: the named
+    projections (and attention's output with context), nothing named under full.
+    (`mlpwo`, the MLP's output, only joins the residual sum: no backward needs it.)"""
+    model = build_model(dataclasses.replace(model_and_params[0], remat=policy, scan_layers=False))
+    tokens = _tokens(8)
+    params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), tokens))["params"]
+    jax.ad_checkpoint.print_saved_residuals(
+        lambda p: model.apply({"params": p}, tokens).mean(), params
+    )
+    names = set(re.findall(r"named '(\w+)'", capsys.readouterr().out))
+    assert names == saved

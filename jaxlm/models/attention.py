@@ -21,6 +21,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxlm.model_config import FAMILIES, LoraConfig, ModelConfig
 from jaxlm.models.kernels import LANES, flash_attention, splash_attention, splash_fits
@@ -216,6 +217,7 @@ class SelfAttention(nn.Module):
             )(source)
             if rotate:
                 y = apply_rope(y, positions_BL, self.rope_base, self.rope_scaling)
+            y = checkpoint_name(y, f"{name}_proj")  # query_proj, key_proj, value_proj
             return nn.with_logical_constraint(y, ("batch", "length", axis, "head_dim"))
 
         k_heads = self.n_kv_heads or self.n_heads
@@ -228,6 +230,7 @@ class SelfAttention(nn.Module):
             k_BLKH = project("key", k_heads, "kv_heads", rope and kv_BSD is None, source)
             v_BLKH = project("value", k_heads, "kv_heads", False, source)
             out_BLNH = self._attend(q_BLNH, k_BLKH, v_BLKH, mask, segment_ids_BL)
+            out_BLNH = checkpoint_name(out_BLNH, "context")
         out_BLNH = nn.with_logical_constraint(out_BLNH, ("batch", "length", "heads", "head_dim"))
         out = EinsumDense(
             "blnh,nhd->bld",
@@ -238,6 +241,7 @@ class SelfAttention(nn.Module):
             name="out",
             **kw,
         )(out_BLNH)
+        out = checkpoint_name(out, "out_proj")
         return nn.Dropout(self.dropout)(out, deterministic=self.deterministic)
 
     def _attend(

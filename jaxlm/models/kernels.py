@@ -184,8 +184,14 @@ def _splash(
         block_q_dq=block,
         block_kv_dq=block,
     )
+    # The kernel names its output and log-sum-exp "context", so a remat policy that
+    # saves "context" (minimal_with_context) keeps them and the backward does not rerun
+    # the forward kernel.
     kernel = sk.make_splash_mqa_single_device(
-        sm.MultiHeadMask([mask] * group), block_sizes=blocks, interpret=interpret
+        sm.MultiHeadMask([mask] * group),
+        block_sizes=blocks,
+        interpret=interpret,
+        residual_checkpoint_name="context",
     )
     per_kv_head = jax.vmap(kernel, in_axes=(0, 0, 0, None))
 

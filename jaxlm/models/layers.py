@@ -7,6 +7,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxlm.model_config import LoraConfig
 
@@ -149,6 +150,7 @@ class GeluMlp(nn.Module):
             name="fc_in",
             **kw,
         )(x_BLD)
+        h = checkpoint_name(h, "mlpwi")
         h = nn.with_logical_constraint(self.activate(h), ("batch", "length", "mlp"))
         out = EinsumDense(
             "blf,fd->bld",
@@ -159,6 +161,7 @@ class GeluMlp(nn.Module):
             name="fc_out",
             **kw,
         )(h)
+        out = checkpoint_name(out, "mlpwo")
         return nn.Dropout(self.dropout)(out, deterministic=self.deterministic)
 
     def activate(self, h: jax.Array) -> jax.Array:
@@ -195,7 +198,9 @@ class SwiGluMlp(nn.Module):
             h = EinsumDense(
                 "bld,df->blf", (d_model, self.ff_dim), ("embed", "mlp"), bias_in, name=name, **kw
             )(x_BLD)
-            return nn.with_logical_constraint(h, ("batch", "length", "mlp"))
+            return nn.with_logical_constraint(
+                checkpoint_name(h, "mlpwi"), ("batch", "length", "mlp")
+            )
 
         h = self.activate(project_in("gate")) * project_in("up")
         h = nn.with_logical_constraint(h, ("batch", "length", "mlp"))
@@ -208,6 +213,7 @@ class SwiGluMlp(nn.Module):
             name="down",
             **kw,
         )(h)
+        out = checkpoint_name(out, "mlpwo")
         return nn.Dropout(self.dropout)(out, deterministic=self.deterministic)
 
     def activate(self, h: jax.Array) -> jax.Array:

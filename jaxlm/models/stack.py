@@ -11,9 +11,17 @@ from flax import linen as nn
 
 from jaxlm.model_config import ModelConfig
 
+# The projections' outputs, by the names attention.py and layers.py give them.
+PROJECTIONS = ("query_proj", "key_proj", "value_proj", "out_proj", "mlpwi", "mlpwo")
+
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.checkpoint_dots,
+    # MaxText's recipes of the same names: keep the projections' outputs (and, with
+    # context, attention's output, so the backward never reruns the attention forward,
+    # which for the splash kernel is a kernel call per layer); recompute the rest.
+    "minimal": jax.checkpoint_policies.save_only_these_names(*PROJECTIONS),
+    "minimal_with_context": jax.checkpoint_policies.save_only_these_names(*PROJECTIONS, "context"),
 }
 
 
