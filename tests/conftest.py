@@ -87,6 +87,7 @@ SLOWEST_FIRST = [
     "test_observe.py",
     "test_sft.py",
     "test_bert_qa_train.py",
+    "test_shards.py",
     "test_eval.py",
     "test_train.py",
     "test_hf.py",
