@@ -17,11 +17,11 @@ from functools import partial
 from typing import Any
 
 import grain
-import sentencepiece as spm
 from etils import epath
 
 from jaxlm.data import shards as shard_io
 from jaxlm.data.pipeline import READ_OPTIONS, _rename, _tokenize, split_documents
+from jaxlm.data.tokenizer import TOKENIZER_FILE, load_tokenizer, run_tokenizer
 from jaxlm.errors import JaxlmError
 
 
@@ -126,25 +126,16 @@ def split_source(source: grain.MapDataset, eval_fraction: float, what: str):
     return grain.MapDataset.source(train), grain.MapDataset.source(held)
 
 
-def _run_tokenizer(
-    config: Any, run_dir: epath.Path, shard_dirs: list[shard_io.Shards], texts: list[Sequence[str]]
-) -> spm.SentencePieceProcessor:
-    """The run's tokenizer: the run dir's copy (a resumed run), else `tokenizer.path`,
-    else the shards' own, else trained on the text sources. Shards made by another
-    tokenizer are refused, before anything is compiled."""
-    import jax
-    from jax.experimental import multihost_utils
-
-    from jaxlm.data.tasks import sample_examples
-    from jaxlm.data.tokenizer import cached_tokenizer, load_tokenizer
-    from jaxlm.train.loop import TOKENIZER_FILE
-
-    local = run_dir / TOKENIZER_FILE
+def _check_shard_tokenizer(config: Any, run_dir: epath.Path, shard_dirs: list[shard_io.Shards]):
+    """Refuse shards made by another tokenizer than the run will use (the run dir's
+    copy, else `tokenizer.path`, else the first shards' own), before anything is
+    written or compiled."""
     if config.tokenizer.path.endswith(".json"):
         raise JaxlmError(
             "tokenizer.path: token shards and mixtures take a sentencepiece .model, "
             f"not {config.tokenizer.path}"
         )
+    local = run_dir / TOKENIZER_FILE
     if local.is_file():
         given, what = local, f"the run directory's {local}"
     elif config.tokenizer.path:
@@ -154,30 +145,16 @@ def _run_tokenizer(
     elif shard_dirs:
         given, what = shard_dirs[0].tokenizer_file, f"{shard_dirs[0].tokenizer_file}"
     else:
-        given, what = None, ""
-    if given is not None:
-        for s in shard_dirs:
-            shard_io.check_tokenizer(s, given, what)
-    if jax.process_index() == 0 and not local.is_file():
-        if given is not None:
-            local.write_bytes(given.read_bytes())
-        else:  # a seeded sample of each text source's training split, as train's
-            docs = [
-                d
-                for t in texts
-                for d in sample_examples(config, split_documents(t, config.data.eval_fraction)[0])
-            ]
-            tok = config.tokenizer
-            cached_tokenizer(docs, local, tok.vocab_size, tok.model_type)
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices("jaxlm: tokenizer written")
-    return load_tokenizer(local)
+        return
+    for s in shard_dirs:
+        shard_io.check_tokenizer(s, given, what)
 
 
 def token_data(config: Any, run_dir: epath.Path):
     """(train, held_out, tokenizer, make_stream) for a run on token shards or a mixture:
     the first two are what `make_dataset`/`eval_batches` take as `docs`."""
     from jaxlm.data.sources import read_documents
+    from jaxlm.data.tasks import sample_examples
     from jaxlm.model_config import FAMILIES
 
     d = config.data
@@ -216,7 +193,14 @@ def token_data(config: Any, run_dir: epath.Path):
                 raise JaxlmError(f"{what}: {str(err).removeprefix('data.path: ')}") from None
             texts.append(docs)
             kinds.append(docs)
-    tokenizer = _run_tokenizer(config, run_dir, shard_dirs, texts)
+    _check_shard_tokenizer(config, run_dir, shard_dirs)
+
+    def corpus() -> list[str]:  # a seeded sample of each text source's training split
+        f = config.data.eval_fraction
+        return [d for t in texts for d in sample_examples(config, split_documents(t, f)[0])]
+
+    default = shard_dirs[0].tokenizer_file if shard_dirs else None
+    tokenizer = run_tokenizer(config.tokenizer, run_dir, corpus, default=default)
     bos = tokenizer.bos_id() if tokenizer.bos_id() >= 0 else tokenizer.eos_id()
     train, held = [], []
     for kind, what in zip(kinds, where, strict=True):

@@ -37,13 +37,13 @@ from tqdm import tqdm
 from jaxlm.data.shard_writer import DTYPE, _shard_meta, _write_atomic, shard_name
 from jaxlm.data.shard_writer import init_worker as _init_worker
 from jaxlm.data.shard_writer import write_shard as _write_shard
+from jaxlm.data.tokenizer import TOKENIZER_FILE
 from jaxlm.errors import JaxlmError
 
 FORMAT = "jaxlm-token-shards"
 VERSION = 1
 MANIFEST = "manifest.json"
 PLAN = "prepare.json"
-TOKENIZER_FILE = "tokenizer.model"
 # A shard closes once it holds this much source text; shards are then a few tens of
 # MB of ids, small enough to redo after an interruption.
 SHARD_BYTES = 64 << 20

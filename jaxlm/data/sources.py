@@ -14,6 +14,7 @@ are still read whole into memory (`jsonl_file_records`).
 
 from __future__ import annotations
 
+import abc
 import json
 import re
 from collections.abc import Iterator, Sequence
@@ -100,8 +101,9 @@ class FileDocuments(Protocol):
 class LazySequence(Sequence[str]):
     """A read-only sequence whose slices are views (ranges of indices), not copies."""
 
+    @abc.abstractmethod
     def _get(self, i: int) -> Any:
-        raise NotImplementedError
+        """Record `i`, 0 <= i < len(self)."""
 
     def __getitem__(self, i: Any) -> Any:
         if isinstance(i, slice):

@@ -10,8 +10,9 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import sentencepiece as spm
 from etils import epath
@@ -19,6 +20,7 @@ from etils import epath
 from jaxlm.errors import JaxlmError
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+TOKENIZER_FILE = "tokenizer.model"  # a run directory's copy of its tokenizer
 
 
 def cache_dir() -> Path:
@@ -108,3 +110,37 @@ def cached_tokenizer(
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_bytes(cached.read_bytes())
     return out_path
+
+
+def run_tokenizer(
+    tok: Any,
+    run_dir: epath.Path,
+    corpus: Callable[[], Sequence[str]],
+    symbols: Sequence[str] = (),
+    default: epath.Path | None = None,
+) -> Any:
+    """A run's tokenizer (`tok` is its TokenizerConfig): the run dir's copy, else
+    `tok.path`, else `default` (token shards' own), else one trained on `corpus()`,
+    which is read only then (a sample of the documents).
+
+    Process 0 writes it and the others wait, so hosts sharing a run directory never
+    race on the file or end up with different tokenizers.
+    """
+    import jax
+    from jax.experimental import multihost_utils
+
+    if tok.path.endswith(".json"):  # a Hugging Face tokenizer.json
+        from jaxlm.data.hf_tokenizer import prepare_hf_tokenizer
+
+        return prepare_hf_tokenizer(tok.path, run_dir)
+    local = run_dir / TOKENIZER_FILE
+    if jax.process_index() == 0 and not local.is_file():
+        source = epath.Path(tok.path) if tok.path else default
+        if source is not None:
+            load_tokenizer(source)  # fail early on a bad file
+            local.write_bytes(source.read_bytes())
+        else:
+            cached_tokenizer(corpus(), local, tok.vocab_size, tok.model_type, symbols)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("jaxlm: tokenizer written")
+    return load_tokenizer(local)

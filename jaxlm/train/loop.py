@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -19,16 +18,14 @@ from typing import Any
 import jax
 import numpy as np
 from etils import epath
-from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from jaxlm import checkpoint as ckpt
 from jaxlm import sharding as shd
 from jaxlm.config import Config, check_trainable, load_config, to_yaml
 from jaxlm.data import mixture, tasks
-from jaxlm.data.hf_tokenizer import prepare_hf_tokenizer
 from jaxlm.data.pipeline import eval_batches, make_dataset, split_documents
-from jaxlm.data.tokenizer import cached_tokenizer, load_tokenizer
+from jaxlm.data.tokenizer import run_tokenizer
 from jaxlm.errors import JaxlmError, NonFiniteLoss
 from jaxlm.generation import generate_ids
 from jaxlm.model_config import FAMILIES, flops_per_token
@@ -43,8 +40,6 @@ from jaxlm.train.preemption import Preempted, PreemptionGuard
 from jaxlm.train.state import TrainState, count_params, init_state
 from jaxlm.train.step import batch_shardings, train_steps
 
-TOKENIZER_FILE = "tokenizer.model"
-
 
 @dataclass
 class TrainResult:
@@ -56,30 +51,6 @@ class TrainResult:
 
 def default_run_dir(config: Config) -> epath.Path:
     return as_path("runs") / config.name
-
-
-def prepare_tokenizer(config: Config, run_dir: epath.Path, corpus: Callable[[], list[str]]):
-    """The run's tokenizer: the run dir's copy, else `tokenizer.path`, else trained.
-
-    Process 0 writes it and the others wait, so hosts sharing a run directory never
-    race on the file or end up with different tokenizers. `corpus` gives the text to
-    train on (a sample of the documents), read only when a tokenizer is trained.
-    """
-    if config.tokenizer.path.endswith(".json"):  # a Hugging Face tokenizer.json
-        return prepare_hf_tokenizer(config.tokenizer.path, run_dir)
-    local = run_dir / TOKENIZER_FILE
-    if jax.process_index() == 0 and not local.is_file():
-        if config.tokenizer.path:
-            source = epath.Path(config.tokenizer.path)
-            load_tokenizer(source)  # fail early on a bad file
-            local.write_bytes(source.read_bytes())
-        else:
-            tok = config.tokenizer
-            symbols = tasks.tokenizer_symbols(config)
-            cached_tokenizer(corpus(), local, tok.vocab_size, tok.model_type, symbols)
-    if jax.process_count() > 1:
-        multihost_utils.sync_global_devices("jaxlm: tokenizer written")
-    return load_tokenizer(local)
 
 
 def resolve_vocab(config: Config, tokenizer_size: int) -> Config:
@@ -252,7 +223,9 @@ def train(
         train_docs, held_out = split_documents(docs, config.data.eval_fraction)
         tasks.check_enough(config, train_docs)
         sample = partial(tasks.tokenizer_corpus, config, train_docs)  # read if trained
-        tokenizer = prepare_tokenizer(config, run_dir, sample)
+        tokenizer = run_tokenizer(
+            config.tokenizer, run_dir, sample, tasks.tokenizer_symbols(config)
+        )
         # SFT examples are rendered and tokenized here, before any compile.
         train_docs, held_out = tasks.encode_splits(
             config, tokenizer, [train_docs, held_out], log=proc == 0
