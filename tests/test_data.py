@@ -102,6 +102,39 @@ def test_pipeline_resumes_mid_epoch(docs, tokenizer):
     assert _same(_take(fresh, 6), expected)
 
 
+def test_pipeline_resumes_at_every_position_through_its_checkpoint_files(docs, tokenizer, tmp_path):
+    """Save the position (as checkpoints do: JSON files) before every batch and resume
+    from it; each resumed batch must be the uninterrupted run's. A row that ends where a
+    document ends leaves no partial document, the case JSON's lists once broke."""
+    from etils import epath
+
+    from jaxlm.data.checkpointing import StreamsHandler
+
+    make = lambda: _dataset(docs[:80], tokenizer, batch_size=2, num_streams=2)  # noqa: E731
+    it, states, expected = iter(make()), [], []
+    for _ in range(25):
+        states.append(it.get_state())
+        expected.append(next(it))
+    at_boundary = [
+        k
+        for k, state in enumerate(states)
+        if any(
+            set(map(tuple, s["remainder_slices"].values())) == {(-1, -1)}
+            for s in state["streams"].values()
+        )
+    ]
+    assert [k for k in at_boundary if k > 0], "no mid-run position at a document boundary"
+    handler = StreamsHandler()
+    for k, state in enumerate(states):
+        directory = epath.Path(tmp_path / str(k))
+        directory.mkdir()
+        saved = iter(make())
+        saved.set_state(state)
+        handler.save(directory, saved)
+        resumed = handler.restore(directory, iter(make()))
+        assert _same([next(resumed)], [expected[k]]), f"resumed at batch {k}"
+
+
 def test_processes_read_disjoint_shares(docs, tokenizer):
     for process_index in range(2):
         ds = make_dataset(

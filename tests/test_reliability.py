@@ -116,12 +116,6 @@ def reference(tmp_path_factory):
     return run_dir
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="issue #21, open: since the lazy corpus sources, resuming from a checkpoint at "
-    "step 7 of this run gives a different step-8 batch (deterministic; from step 6 it is "
-    "exact), so the test fails when SIGTERM lands at step 7",
-)
 def test_sigterm_saves_and_resumes_exactly(reference, tmp_path, in_process):
     run_dir = tmp_path / "run"
     proc = start_and_wait_for_logs(run_dir, 5)

@@ -28,6 +28,24 @@ def _grain_file(directory: epath.Path) -> epath.Path:
     return directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
 
 
+def restore_tuples(state: Any) -> Any:
+    """Undo JSON's tuple -> list on the packing state's `remainder_slices`.
+
+    grain's ConcatThenSplit marks "no partial document" by the slice `(-1, -1)` and
+    compares with `!=`, so a list `[-1, -1]` read back from JSON counts as a partial
+    document: a run checkpointed where a row ended exactly at a document's end would
+    resume with that document again.
+    """
+    if isinstance(state, dict):
+        return {
+            k: {f: tuple(s) for f, s in v.items()} if k == "remainder_slices" else restore_tuples(v)
+            for k, v in state.items()
+        }
+    if isinstance(state, list):
+        return [restore_tuples(v) for v in state]
+    return state
+
+
 class StreamsHandler:
     """Orbax handler (duck-typed, as grain's is) for a `StreamsIterator`."""
 
@@ -50,7 +68,7 @@ class StreamsHandler:
                     f"{index} of {it.num_streams} (it holds {', '.join(found)}); "
                     "resume with the data.streams it was written with"
                 )
-            states[str(index)] = json.loads(path.read_text())
+            states[str(index)] = restore_tuples(json.loads(path.read_text()))
         it.set_state({"streams": states})
         return it
 
