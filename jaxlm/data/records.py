@@ -9,8 +9,9 @@
   each once. A global shuffle over Parquet decodes a row group per document: for long
   runs convert to ArrayRecord, whose records are read one by one.
 
-Both open local or gs:// paths (Parquet through etils.epath; ArrayRecord through its
-own file layer).
+Parquet opens local or gs:// paths through etils.epath. ArrayRecord goes through
+array_record's own file layer, not gcsfs, so gs:// ArrayRecord is untested here (the
+Cloud Storage emulator cannot serve it); on a pod, read it from a gcsfuse mount.
 """
 
 from __future__ import annotations
