@@ -32,7 +32,7 @@ MESHES = {
     "config": (),  # the config's own mesh
 }
 DEFAULT_SPACE = {
-    "model.remat": ["none", "minimal_with_context", "minimal", "dots", "full"],
+    "model.remat": ["none", "minimal_with_context", "minimal", "dots", "qkv_with_context", "full"],
     "mesh": ["fsdp", "data"],
 }
 

@@ -28,6 +28,30 @@ MODEL_CHOICES = {
 }
 SWIGLU_MULTIPLE = 256  # Llama rounds its SwiGLU width up to this
 
+# The activations a remat policy may keep, by the `checkpoint_name`s the layers give
+# them: the projections' outputs and attention's output ("context"; for the splash
+# kernel also its log-sum-exp, so the backward does not rerun the kernel's forward).
+REMAT_NAMES = (
+    "query_proj", "key_proj", "value_proj", "out_proj", "mlpwi", "mlpwo", "context",
+)  # fmt: skip
+PROJECTIONS = REMAT_NAMES[:6]
+# Named lists of kept activations: MaxText's recipes of the same names, and one that
+# keeps attention's inputs and output but recomputes the (larger) MLP activations.
+REMAT_RECIPES = {
+    "minimal": PROJECTIONS,
+    "minimal_with_context": (*PROJECTIONS, "context"),
+    "save_qkv_proj": ("query_proj", "key_proj", "value_proj"),
+    "qkv_with_context": ("query_proj", "key_proj", "value_proj", "context"),
+}
+REMATS = ("none", "full", "dots", *REMAT_RECIPES)
+
+
+def remat_saved_names(remat: str) -> tuple[str, ...]:
+    """The activations `model.remat` keeps: a recipe's, or `save:NAME+NAME+...`'s."""
+    if remat in REMAT_RECIPES:
+        return REMAT_RECIPES[remat]
+    return tuple(remat.removeprefix("save:").split("+"))
+
 
 @dataclass(frozen=True)
 class LoraConfig:
@@ -91,7 +115,9 @@ class ModelConfig:
     dtype: str = "float32"  # compute
     param_dtype: str = "float32"
     scan_layers: bool = True
-    remat: str = "none"  # none | full | dots | minimal | minimal_with_context
+    # none | full (keep each layer's input) | dots (every matmul output) | a recipe of
+    # REMAT_RECIPES | save:NAME+NAME (keep these of REMAT_NAMES, recompute the rest)
+    remat: str = "none"
     # auto (the platform's best, chosen when the model is built for its devices:
     # jaxlm.models.attention.resolve_attention) | einsum (the reference) | dot_product
     # (jax.nn) | flash | splash (Pallas TPU kernels, interpreted off TPU; seq_len a
@@ -378,8 +404,19 @@ def validate_model(m: ModelConfig) -> ModelConfig:
     check(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)")
     check(m.dtype in DTYPES, "model.dtype", f"must be one of {DTYPES}")
     check(m.param_dtype in DTYPES, "model.param_dtype", f"must be one of {DTYPES}")
-    remats = ("none", "full", "dots", "minimal", "minimal_with_context")
-    check(m.remat in remats, "model.remat", f"must be one of {', '.join(remats)}")
+    if m.remat.startswith("save:"):
+        unknown = [n for n in remat_saved_names(m.remat) if n not in REMAT_NAMES]
+        check(
+            not unknown,
+            "model.remat",
+            f"save: keeps names of {', '.join(REMAT_NAMES)} joined by '+', not {unknown}",
+        )
+    else:
+        check(
+            m.remat in REMATS,
+            "model.remat",
+            f"must be one of {', '.join(REMATS)}, or save:NAME+NAME",
+        )
     relative = [name for name, f in FAMILIES.items() if f.defaults["position"] == "relative"]
     check(
         (m.position == "relative") == (m.family in relative),

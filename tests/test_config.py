@@ -41,6 +41,8 @@ def test_resolved_yaml_round_trips(tmp_path):
         ),
         ("train.seq_len=2048", "config key 'train.seq_len': 2048 exceeds model.max_len 1024"),
         ("model.dtype=float8", "config key 'model.dtype': must be one of"),
+        ("model.remat=some", "config key 'model.remat': must be one of none, full, dots"),
+        ("model.remat=save:context+mlp", "config key 'model.remat': save: keeps names of"),
         ("mesh.tensor=0", "config key 'mesh.tensor': must be positive or -1"),
         ("mesh.rules.batch=[data,pipe]", "config key 'mesh.rules.batch': unknown mesh axis 'pipe'"),
     ],

@@ -116,7 +116,7 @@ def test_remat_keeps_gradients(model_and_params):
         return jax.jit(jax.grad(lambda p: model.apply({"params": p}, tokens).mean()))(params)
 
     base = grads(cfg)
-    for policy in ("full", "dots", "minimal", "minimal_with_context"):
+    for policy in ("full", "dots", "minimal", "qkv_with_context", "save:mlpwi+context"):
         jax.tree_util.tree_map(
             lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7),
             base,
@@ -133,6 +133,8 @@ def test_remat_keeps_gradients(model_and_params):
             "minimal_with_context",
             {"query_proj", "key_proj", "value_proj", "out_proj", "mlpwi", "context"},
         ),
+        ("qkv_with_context", {"query_proj", "key_proj", "value_proj", "context"}),
+        ("save:key_proj+context", {"key_proj", "context"}),
     ],
 )
 def test_remat_policies_save_the_named_activations(model_and_params, policy, saved, capsys):

@@ -37,7 +37,7 @@ from flax import linen as nn
 from jaxlm.model_config import ModelConfig
 from jaxlm.models.attention import SelfAttention
 from jaxlm.models.layers import INIT_STD, MLPS, EinsumDense, logical, rms_norm
-from jaxlm.models.stack import REMAT_POLICIES
+from jaxlm.models.stack import remat_policy
 
 NEG_INF = float(jnp.finfo(jnp.float32).min)  # finite, so a fully padded row stays finite
 
@@ -218,7 +218,7 @@ class T5Stack(nn.Module):
 
         block = T5Block
         if c.remat != "none":
-            block = nn.remat(block, policy=REMAT_POLICIES[c.remat])
+            block = nn.remat(block, policy=remat_policy(c.remat))
         bias = None
         for i in range(self.n_layers):
             x_BLD, bias = block(c, self.causal, i == 0, self.deterministic, name=f"layers_{i}")(

@@ -9,20 +9,21 @@ from typing import Any
 import jax
 from flax import linen as nn
 
-from jaxlm.model_config import ModelConfig
-
-# The projections' outputs, by the names attention.py and layers.py give them.
-PROJECTIONS = ("query_proj", "key_proj", "value_proj", "out_proj", "mlpwi", "mlpwo")
+from jaxlm.model_config import ModelConfig, remat_saved_names
 
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.checkpoint_dots,
-    # MaxText's recipes of the same names: keep the projections' outputs (and, with
-    # context, attention's output, so the backward never reruns the attention forward,
-    # which for the splash kernel is a kernel call per layer); recompute the rest.
-    "minimal": jax.checkpoint_policies.save_only_these_names(*PROJECTIONS),
-    "minimal_with_context": jax.checkpoint_policies.save_only_these_names(*PROJECTIONS, "context"),
 }
+
+
+def remat_policy(remat: str) -> Any:
+    """The `jax.checkpoint` policy of `model.remat`: `full`, `dots`, or a list of the
+    activations to keep (`save:NAME+NAME`, or a named recipe of `REMAT_RECIPES`, as
+    MaxText's `minimal` and `minimal_with_context`); the rest is recomputed."""
+    if remat in REMAT_POLICIES:
+        return REMAT_POLICIES[remat]
+    return jax.checkpoint_policies.save_only_these_names(*remat_saved_names(remat))
 
 
 def stack_layers(
@@ -37,7 +38,7 @@ def stack_layers(
     remat'ed by `c.remat`; `args` are broadcast to every block. Blocks return (x, None).
     `attributes` are the block's further module fields (hashable; e.g. the decoder's lora)."""
     if c.remat != "none":
-        block = nn.remat(block, policy=REMAT_POLICIES[c.remat], prevent_cse=not c.scan_layers)
+        block = nn.remat(block, policy=remat_policy(c.remat), prevent_cse=not c.scan_layers)
     if c.scan_layers:
         stack = nn.scan(
             block,
