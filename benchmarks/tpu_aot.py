@@ -27,6 +27,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from jaxlm.aot import parse_topology  # noqa: E402
+from jaxlm.aot_search import MESHES, cache_key, default_cache_dir  # noqa: E402
+from jaxlm.config import load_config  # noqa: E402
+
 GIB = 1024**3
 
 
@@ -48,7 +54,7 @@ class Case:
     maxtext_passes: int = 4
 
 
-FSDP = ("mesh.data=1", "mesh.fsdp=-1")
+FSDP = MESHES["fsdp"]  # as `jaxlm compile --search` names it, so the two share compiles
 TINY = (
     "model.family=llama",
     "model.d_model=64",
@@ -72,16 +78,24 @@ CASES = {
 }
 
 
-def compile_case(case: Case, extra: list[str], timeout: int) -> dict:
-    """`jaxlm compile --json` for one case, in a fresh process; its JSON and wall time."""
-    words = [case.config] if case.config else []
-    words += [
+def compile_case(case: Case, extra: list[str], timeout: int, fresh: bool = False) -> dict:
+    """`jaxlm compile --json` for one case, in a fresh process; its JSON and wall time.
+
+    The record is kept in `jaxlm compile --search`'s cache (keyed by the resolved config,
+    topology and versions), so a case a search already compiled costs nothing."""
+    overrides = [
         *case.overrides,
         f"train.batch_size={case.per_chip_batch * case.chips}",
         f"train.seq_len={case.seq_len}",
         f"model.max_len={case.seq_len}",
         *extra,
     ]
+    config = load_config(case.config or None, overrides)
+    cached = default_cache_dir() / f"{cache_key(config, parse_topology(case.topology), 1)}.json"
+    if cached.exists() and not fresh:
+        return {**json.loads(cached.read_text()), "wall_s": "cached"}
+    words = [case.config] if case.config else []
+    words += overrides
     cmd = [sys.executable, "-m", "jaxlm.cli", "compile", *words, "--topology", case.topology]
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     t0 = time.time()
@@ -94,7 +108,10 @@ def compile_case(case: Case, extra: list[str], timeout: int) -> dict:
     wall = round(time.time() - t0, 1)
     if out.returncode not in (0, 1) or not out.stdout.strip():
         return {"error": f"rc {out.returncode}: {out.stderr.strip()[-400:]}", "wall_s": wall}
-    return {**json.loads(out.stdout.strip().splitlines()[-1]), "wall_s": wall}
+    record = json.loads(out.stdout.strip().splitlines()[-1])
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    cached.write_text(json.dumps(record))
+    return {**record, "wall_s": wall}
 
 
 def row(name: str, case: Case, r: dict) -> str:
@@ -150,7 +167,7 @@ HEAD = (
 
 def check_unrolled(case: Case, scanned: dict, extra: list[str], timeout: int) -> str:
     """The scanned step's whole-step estimate against the unrolled step compiled as is."""
-    flat = compile_case(case, [*extra, "model.scan_layers=false"], timeout)
+    flat = compile_case(case, [*extra, "model.scan_layers=false"], timeout, fresh=True)
     a, b = scanned.get("estimate") or {}, flat.get("estimate") or {}
     if not (a.get("step_seconds") and b.get("step_seconds")):
         return f"check: no estimate to compare ({a.get('unavailable')}; {b.get('unavailable')})"
@@ -171,6 +188,7 @@ def main() -> int:
     ap.add_argument("--extra", nargs="*", default=[], help="key=value overrides for every case")
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per compile")
     ap.add_argument("--json", help="also write the records to this file")
+    ap.add_argument("--fresh", action="store_true", help="compile even where a record is cached")
     args = ap.parse_args()
     unknown = [c for c in args.cases if c not in CASES]
     if unknown:
@@ -179,7 +197,7 @@ def main() -> int:
     for name in args.cases:
         case = CASES[name]
         print(f"[{time.strftime('%H:%M:%S')}] compiling {name} ...", file=sys.stderr, flush=True)
-        records[name] = compile_case(case, args.extra, args.timeout)
+        records[name] = compile_case(case, args.extra, args.timeout, args.fresh)
         lines.append(row(name, case, records[name]))
         if name == "tiny-check":
             checks.append(check_unrolled(case, records[name], args.extra, args.timeout))

@@ -152,9 +152,11 @@ def format_search(results: list[tuple[list[str], dict[str, Any]]], hbm_bytes: in
     gib = 1024**3
     lines = [
         "ranked by the compiler's estimated tokens/s/chip (libtpu's cost model, not a "
-        "measurement); memory per chip from the compiled program:",
+        "measurement; it leaves out Pallas kernels such as splash attention, so a setup "
+        "with fewer kernel calls is faster than it shows); memory per chip from the "
+        "compiled program:",
         f"{'#':>3}  {'fits':<4}  {'GiB/chip':>8}  {'est. s/step':>11}  {'tok/s/chip':>10}  "
-        f"{'MFU':>6}  overrides",
+        f"{'MFU':>6}  {'kernels':>7}  overrides",
     ]
     for n, (words, r) in enumerate(results, 1):
         est = r.get("estimate") or {}
@@ -168,7 +170,10 @@ def format_search(results: list[tuple[list[str], dict[str, Any]]], hbm_bytes: in
         fits = "yes" if r.get("fits") else "no" if r else "?"
         if not r:
             time_s = f"{'-':>11}  {'-':>10}  {'-':>6}  (not compiled: budget spent)"
-        lines.append(f"{n:>3}  {fits:<4}  {total / gib:>8.2f}  {time_s}  {' '.join(words)}")
+        calls = f"{r.get('kernel_calls') or '-':>7}"  # a scanned program: a layer's calls
+        lines.append(
+            f"{n:>3}  {fits:<4}  {total / gib:>8.2f}  {time_s}  {calls}  {' '.join(words)}"
+        )
     best = next((w for w, r in results if r.get("fits")), None)
     if best is None:
         lines.append(f"no candidate fits in {hbm_bytes / gib:.0f} GiB per chip")
