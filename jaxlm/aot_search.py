@@ -91,14 +91,30 @@ def default_cache_dir() -> Path:
     return root / "aot_search"
 
 
-def _rank(record: dict[str, Any]) -> tuple:
-    """Fits first; then estimated tokens/s/chip (unknown last); then less memory; the
-    candidates the budget left out last."""
+# Memory left free for a setup to count as fitting: the compiler's figure is for one
+# program, and a run also holds the input pipeline's device buffers, a checkpoint's
+# copies and the allocator's fragmentation. A setup closer to full than this is "tight".
+HEADROOM = 0.1
+
+
+def fit_class(record: dict[str, Any], headroom: float = HEADROOM) -> int:
+    """0: fits with `headroom` of HBM to spare; 1: fits, tight; 2: does not fit."""
+    if not record.get("fits"):
+        return 2
+    hbm = record.get("hbm_bytes") or 0
+    total = record.get("memory_bytes", {}).get("total", 0)
+    return 1 if hbm and total > (1 - headroom) * hbm else 0
+
+
+def _rank(record: dict[str, Any], headroom: float = HEADROOM) -> tuple:
+    """Fits with headroom first, then tight fits; then estimated tokens/s/chip (unknown
+    last); then less memory; the candidates the budget left out last."""
     if not record:
-        return (True, 1, 0.0, 0)
+        return (3, 1, 0.0, 0)
     est = record.get("estimate") or {}
     speed = est.get("tokens_per_s_per_chip") or 0.0
-    return (not record.get("fits"), 0, -speed, record.get("memory_bytes", {}).get("total", 0))
+    total = record.get("memory_bytes", {}).get("total", 0)
+    return (fit_class(record, headroom), 0, -speed, total)
 
 
 def search(
@@ -142,9 +158,12 @@ def search(
     return rank(results)
 
 
-def rank(results: list[tuple[list[str], dict[str, Any]]]) -> list[tuple[list[str], dict]]:
-    """Best first: fits, then estimated tokens/s/chip (unknown last), then less memory."""
-    return sorted(results, key=lambda wr: _rank(wr[1]))
+def rank(
+    results: list[tuple[list[str], dict[str, Any]]], headroom: float = HEADROOM
+) -> list[tuple[list[str], dict]]:
+    """Best first: fits with headroom, then tight; then estimated tokens/s/chip (unknown
+    last), then less memory."""
+    return sorted(results, key=lambda wr: _rank(wr[1], headroom))
 
 
 def format_search(results: list[tuple[list[str], dict[str, Any]]], hbm_bytes: int) -> str:
@@ -167,16 +186,19 @@ def format_search(results: list[tuple[list[str], dict[str, Any]]], hbm_bytes: in
         else:
             why = est.get("unavailable") or (r.get("error") or "no estimate")[:60]
             time_s = f"{'-':>11}  {'-':>10}  {'-':>6}  ({why})"
-        fits = "yes" if r.get("fits") else "no" if r else "?"
+        fits = ("yes", "tight", "no")[fit_class(r)] if r else "?"
         if not r:
             time_s = f"{'-':>11}  {'-':>10}  {'-':>6}  (not compiled: budget spent)"
         calls = f"{r.get('kernel_calls') or '-':>7}"  # a scanned program: a layer's calls
         lines.append(
             f"{n:>3}  {fits:<4}  {total / gib:>8.2f}  {time_s}  {calls}  {' '.join(words)}"
         )
-    best = next((w for w, r in results if r.get("fits")), None)
-    if best is None:
+    best = next((w for w, r in results if r and fit_class(r) == 0), None)
+    tight = next((w for w, r in results if r and fit_class(r) == 1), None)
+    if best is None and tight is None:
         lines.append(f"no candidate fits in {hbm_bytes / gib:.0f} GiB per chip")
+    elif best is None:
+        lines.append(f"best (tight: under {100 * HEADROOM:.0f}% of HBM free): {' '.join(tight)}")
     else:
         lines.append(f"best: {' '.join(best)}")
     return "\n".join(lines)

@@ -377,7 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
     aot.add_argument(
         "--search",
         action="store_true",
-        help="compile remat x mesh x per-chip batch candidates, rank by est. tokens/s/chip",
+        help="compile remat x mesh x per-chip batch candidates; rank by fit (10%% of HBM "
+        "free) and est. tokens/s/chip",
     )
     aot.add_argument(
         "--space",

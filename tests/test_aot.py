@@ -289,17 +289,23 @@ def test_search_ranking_puts_fitting_fast_setups_first():
 
     def rec(fits, seconds, gib):
         est = {"step_seconds": seconds, "tokens_per_s_per_chip": 1000 / seconds, "mfu": 0.5}
-        return {"fits": fits, "estimate": est, "memory_bytes": {"total": gib * GIB}}
+        memory = {"total": gib * GIB}
+        return {"fits": fits, "estimate": est, "memory_bytes": memory, "hbm_bytes": 16 * GIB}
 
     results = [
         (["a"], rec(False, 0.1, 20)),  # fastest, but does not fit
+        (["e"], rec(True, 0.15, 15)),  # fits, but with under 10% of HBM free
         (["b"], rec(True, 0.4, 4)),
         (["c"], rec(True, 0.2, 12)),
         (["d"], {"fits": True, "estimate": {"unavailable": "x"}, "memory_bytes": {"total": 0}}),
     ]
     ranked = rank(results)
-    assert [w[0] for w, _ in ranked] == ["c", "b", "d", "a"]
-    assert format_search(ranked, 16 * GIB).splitlines()[-1] == "best: c"
+    assert [w[0] for w, _ in ranked] == ["c", "b", "d", "e", "a"]
+    lines = format_search(ranked, 16 * GIB).splitlines()
+    assert lines[-1] == "best: c"
+    assert [line.split()[1] for line in lines[2:-1]] == ["yes", "yes", "yes", "tight", "no"]
+    tight_only = format_search(rank(results[:2]), 16 * GIB).splitlines()[-1]
+    assert tight_only == "best (tight: under 10% of HBM free): e"
 
 
 def test_search_refuses_a_bad_space_before_compiling(capsys):
