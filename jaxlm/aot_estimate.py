@@ -104,7 +104,7 @@ def summarize_hlo(text: str) -> HloSummary:
                     comps[cur] = []
                     entry = cur if head.group(1) else entry
             continue
-        if line.startswith("}"):
+        if line.rstrip() == "}":  # not a "}" opening a line of a kernel's multi-line config
             cur = None
         elif m := _INSTR.match(line):
             typ, rest = _split_type(m.group(2).strip())
