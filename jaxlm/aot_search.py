@@ -174,7 +174,7 @@ def format_search(results: list[tuple[list[str], dict[str, Any]]], hbm_bytes: in
         "measurement; it leaves out Pallas kernels such as splash attention, so a setup "
         "with fewer kernel calls is faster than it shows); memory per chip from the "
         "compiled program:",
-        f"{'#':>3}  {'fits':<4}  {'GiB/chip':>8}  {'est. s/step':>11}  {'tok/s/chip':>10}  "
+        f"{'#':>3}  {'fits':<5}  {'GiB/chip':>8}  {'est. s/step':>11}  {'tok/s/chip':>10}  "
         f"{'MFU':>6}  {'kernels':>7}  overrides",
     ]
     for n, (words, r) in enumerate(results, 1):
@@ -191,7 +191,7 @@ def format_search(results: list[tuple[list[str], dict[str, Any]]], hbm_bytes: in
             time_s = f"{'-':>11}  {'-':>10}  {'-':>6}  (not compiled: budget spent)"
         calls = f"{r.get('kernel_calls') or '-':>7}"  # a scanned program: a layer's calls
         lines.append(
-            f"{n:>3}  {fits:<4}  {total / gib:>8.2f}  {time_s}  {calls}  {' '.join(words)}"
+            f"{n:>3}  {fits:<5}  {total / gib:>8.2f}  {time_s}  {calls}  {' '.join(words)}"
         )
     best = next((w for w, r in results if r and fit_class(r) == 0), None)
     tight = next((w for w, r in results if r and fit_class(r) == 1), None)
