@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from jaxlm.aot import parse_topology  # noqa: E402
-from jaxlm.aot_search import MESHES, cache_key, default_cache_dir  # noqa: E402
+from jaxlm.aot_search import MESHES, cache_path  # noqa: E402
 from jaxlm.config import load_config  # noqa: E402
 
 GIB = 1024**3
@@ -91,7 +91,7 @@ def compile_case(case: Case, extra: list[str], timeout: int, fresh: bool = False
         *extra,
     ]
     config = load_config(case.config or None, overrides)
-    cached = default_cache_dir() / f"{cache_key(config, parse_topology(case.topology), 1)}.json"
+    cached = cache_path(config, parse_topology(case.topology))
     if cached.exists() and not fresh:
         return {**json.loads(cached.read_text()), "wall_s": "cached"}
     words = [case.config] if case.config else []

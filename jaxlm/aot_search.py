@@ -91,22 +91,29 @@ def default_cache_dir() -> Path:
     return root / "aot_search"
 
 
+def cache_path(
+    config: Config, topology: Topology, slices: int = 1, cache_dir: Path | None = None
+) -> Path:
+    """Where the compile record of `config` on `slices` x `topology` is kept."""
+    return (cache_dir or default_cache_dir()) / f"{cache_key(config, topology, slices)}.json"
+
+
 # Memory left free for a setup to count as fitting: the compiler's figure is for one
 # program, and a run also holds the input pipeline's device buffers, a checkpoint's
 # copies and the allocator's fragmentation. A setup closer to full than this is "tight".
 HEADROOM = 0.1
 
 
-def fit_class(record: dict[str, Any], headroom: float = HEADROOM) -> int:
-    """0: fits with `headroom` of HBM to spare; 1: fits, tight; 2: does not fit."""
+def fit_class(record: dict[str, Any]) -> int:
+    """0: fits with HEADROOM of HBM to spare; 1: fits, tight; 2: does not fit."""
     if not record.get("fits"):
         return 2
     hbm = record.get("hbm_bytes") or 0
     total = record.get("memory_bytes", {}).get("total", 0)
-    return 1 if hbm and total > (1 - headroom) * hbm else 0
+    return 1 if hbm and total > (1 - HEADROOM) * hbm else 0
 
 
-def _rank(record: dict[str, Any], headroom: float = HEADROOM) -> tuple:
+def _rank(record: dict[str, Any]) -> tuple:
     """Fits with headroom first, then tight fits; then estimated tokens/s/chip (unknown
     last); then less memory; the candidates the budget left out last."""
     if not record:
@@ -114,7 +121,7 @@ def _rank(record: dict[str, Any], headroom: float = HEADROOM) -> tuple:
     est = record.get("estimate") or {}
     speed = est.get("tokens_per_s_per_chip") or 0.0
     total = record.get("memory_bytes", {}).get("total", 0)
-    return (fit_class(record, headroom), 0, -speed, total)
+    return (fit_class(record), 0, -speed, total)
 
 
 def search(
@@ -134,11 +141,9 @@ def search(
     chips = topology.chips * slices
     space = parse_space(space_words, chips, base.train.batch_size)
     grid = [(w, load_config(config_path, [*overrides, *w])) for w in candidates(space, chips)]
-    cache = cache_dir or default_cache_dir()
-    cache.mkdir(parents=True, exist_ok=True)
     start, results = time.monotonic(), []
     for i, (words, config) in enumerate(grid):
-        path = cache / f"{cache_key(config, topology, slices)}.json"
+        path = cache_path(config, topology, slices, cache_dir)
         if path.exists():
             results.append((words, json.loads(path.read_text())))
             log(f"[{i + 1}/{len(grid)}] cached: {' '.join(words)}")
@@ -153,17 +158,16 @@ def search(
             record = report_json(compile_train_step(config, topology, slices, estimate=True))
         except JaxlmError as err:  # a candidate the mesh cannot hold (batch, say)
             record = {"fits": False, "error": str(err), "estimate": None}
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(record))
         results.append((words, record))
     return rank(results)
 
 
-def rank(
-    results: list[tuple[list[str], dict[str, Any]]], headroom: float = HEADROOM
-) -> list[tuple[list[str], dict]]:
+def rank(results: list[tuple[list[str], dict[str, Any]]]) -> list[tuple[list[str], dict]]:
     """Best first: fits with headroom, then tight; then estimated tokens/s/chip (unknown
     last), then less memory."""
-    return sorted(results, key=lambda wr: _rank(wr[1], headroom))
+    return sorted(results, key=lambda wr: _rank(wr[1]))
 
 
 def format_search(results: list[tuple[list[str], dict[str, Any]]], hbm_bytes: int) -> str:
