@@ -115,6 +115,21 @@ def test_multislice_meshes_put_data_parallelism_across_slices():
         shd.make_mesh(MeshConfig(data=1, fsdp=8), devices)
 
 
+def test_steps_for_tpu_meshes_take_the_tpu_compile_options():
+    """The all-gather CSE threshold goes to TPU compiles only: CPU's XLA rejects TPU flags.
+    (libtpu accepting it is shown by every TPU compile in this file.)"""
+    import jax
+
+    from jaxlm import sharding as shd
+    from jaxlm.aot import topology_devices
+    from jaxlm.config import MeshConfig
+    from jaxlm.train.xla_options import for_mesh
+
+    tpu = shd.make_mesh(MeshConfig(data=1, fsdp=4), topology_devices(parse_topology("v5e-2x2")))
+    assert for_mesh(tpu) == {"xla_tpu_spmd_threshold_for_allgather_cse": 10000}
+    assert for_mesh(shd.make_mesh(MeshConfig(data=1, fsdp=-1), jax.devices())) is None
+
+
 def test_default_attention_compiles_the_splash_kernel_for_tpu():
     """model.attention=auto resolves for the mesh's devices: splash for a llama on a TPU
     topology, though this host is a CPU; an explicit einsum has no kernel."""

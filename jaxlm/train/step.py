@@ -16,6 +16,7 @@ from jaxlm.config import Config
 from jaxlm.train.objectives import CAUSAL_LM, Objective, for_family, for_model, token_loss  # noqa: F401
 from jaxlm.train.optim import make_optimizer, make_schedule
 from jaxlm.train.state import TrainState, abstract_state
+from jaxlm.train.xla_options import for_mesh
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -206,8 +207,9 @@ def jit_steps(
     rules: shd.Rules,
     batch_ranks: dict[str, int] = CAUSAL_LM.batch_ranks,
 ) -> tuple[InMesh, InMesh]:
-    """Jit both steps with explicit shardings; the train state is donated.
-    `batch_ranks` is the objective's batch keys and their ranks."""
+    """Jit both steps with explicit shardings; the train state is donated, and the train
+    step takes the platform's compile options (`xla_options`). `batch_ranks` is the
+    objective's batch keys and their ranks."""
     batch = batch_shardings(mesh, rules, batch_ranks)
     out = shd.replicated(mesh)
     jitted_train = jax.jit(
@@ -215,6 +217,7 @@ def jit_steps(
         in_shardings=(state_shardings, batch),
         out_shardings=(state_shardings, out),
         donate_argnums=0,
+        compiler_options=for_mesh(mesh),
     )
     jitted_eval = jax.jit(
         eval_step,
