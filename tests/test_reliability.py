@@ -106,13 +106,22 @@ def assert_same_params(a: dict, b: dict) -> None:
     jax.tree_util.tree_map(np.testing.assert_array_equal, a["params"], b["params"])
 
 
+def train_here(run_dir: Path, *overrides: str) -> None:
+    """`jaxlm train` in this process, for a module's fixture (which `in_process`, a
+    per-test fixture, cannot serve); it must succeed."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(REPO)
+        code = main(command(run_dir, *overrides)[3:])
+    assert code == 0, f"jaxlm train exited with {code}"
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """An uninterrupted run, logging every step and saving every 5, that the
-    interrupted ones must reproduce."""
+    interrupted ones must reproduce. It runs in this process (the flags are the
+    subprocesses', see conftest's `subprocess_env`): no signal or kill is involved."""
     run_dir = tmp_path_factory.mktemp("reference")
-    out = jaxlm_train(run_dir, f"train.steps={STEPS}")
-    assert out.returncode == 0, out.stderr
+    train_here(run_dir, f"train.steps={STEPS}")
     return run_dir
 
 
@@ -151,8 +160,7 @@ def test_kill_during_checkpoint_write_is_ignored(reference, tmp_path, in_process
 @pytest.fixture(scope="module")
 def pristine(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("pristine") / "run"
-    out = jaxlm_train(run_dir, "train.steps=10")
-    assert out.returncode == 0, out.stderr
+    train_here(run_dir, "train.steps=10")
     return run_dir
 
 
