@@ -53,6 +53,11 @@ def remat_saved_names(remat: str) -> tuple[str, ...]:
     return tuple(remat.removeprefix("save:").split("+"))
 
 
+def remat_offloaded_names(offload: str) -> tuple[str, ...]:
+    """The activations `model.remat_offload` moves to host memory (NAME+NAME or "")."""
+    return tuple(offload.split("+")) if offload else ()
+
+
 @dataclass(frozen=True)
 class LoraConfig:
     """Low-rank adapters (LoRA, Hu et al. 2021) on a decoder's projections.
@@ -118,6 +123,11 @@ class ModelConfig:
     # none | full (keep each layer's input) | dots (every matmul output) | a recipe of
     # REMAT_RECIPES | save:NAME+NAME (keep these of REMAT_NAMES, recompute the rest)
     remat: str = "none"
+    # NAME+NAME of REMAT_NAMES to move to host memory in the forward and back for the
+    # backward, instead of recomputing them (with remat full or a list of kept names).
+    # XLA's cost model prices these copies like HBM copies, not at the host link's
+    # bandwidth, so `jaxlm compile`'s estimate of an offloading setup is optimistic.
+    remat_offload: str = ""
     # auto (the platform's best, chosen when the model is built for its devices:
     # jaxlm.models.attention.resolve_attention) | einsum (the reference) | dot_product
     # (jax.nn) | flash | splash (Pallas TPU kernels, interpreted off TPU; seq_len a
@@ -417,6 +427,22 @@ def validate_model(m: ModelConfig) -> ModelConfig:
             "model.remat",
             f"must be one of {', '.join(REMATS)}, or save:NAME+NAME",
         )
+    if m.remat_offload:
+        offloaded = remat_offloaded_names(m.remat_offload)
+        unknown = [n for n in offloaded if n not in REMAT_NAMES]
+        check(
+            not unknown,
+            "model.remat_offload",
+            f"names of {', '.join(REMAT_NAMES)} joined by '+', not {unknown}",
+        )
+        check(
+            m.remat not in ("none", "dots"),
+            "model.remat_offload",
+            f"needs model.remat full or a list of kept names, not {m.remat}",
+        )
+        if m.remat not in ("none", "dots", "full"):
+            both = [n for n in offloaded if n in remat_saved_names(m.remat)]
+            check(not both, "model.remat_offload", f"{both} already kept by model.remat")
     relative = [name for name, f in FAMILIES.items() if f.defaults["position"] == "relative"]
     check(
         (m.position == "relative") == (m.family in relative),

@@ -43,6 +43,8 @@ def test_resolved_yaml_round_trips(tmp_path):
         ("model.dtype=float8", "config key 'model.dtype': must be one of"),
         ("model.remat=some", "config key 'model.remat': must be one of none, full, dots"),
         ("model.remat=save:context+mlp", "config key 'model.remat': save: keeps names of"),
+        ("model.remat_offload=context+mlp", "config key 'model.remat_offload': names of"),
+        ("model.remat_offload=context", "'model.remat_offload': needs model.remat full or"),
         ("mesh.tensor=0", "config key 'mesh.tensor': must be positive or -1"),
         ("mesh.rules.batch=[data,pipe]", "config key 'mesh.rules.batch': unknown mesh axis 'pipe'"),
     ],
@@ -51,6 +53,11 @@ def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError) as err:
         load_config(None, [override])
     assert message in str(err.value)
+
+
+def test_offloading_a_kept_activation_is_refused():
+    with pytest.raises(ConfigError, match=r"'model.remat_offload': \['key_proj'\] already kept"):
+        load_config(None, ["model.remat=save_qkv_proj", "model.remat_offload=context+key_proj"])
 
 
 def test_bad_yaml_key_names_the_file(tmp_path):

@@ -116,12 +116,36 @@ def test_remat_keeps_gradients(model_and_params):
         return jax.jit(jax.grad(lambda p: model.apply({"params": p}, tokens).mean()))(params)
 
     base = grads(cfg)
-    for policy in ("full", "dots", "minimal", "qkv_with_context", "save:mlpwi+context"):
+    for policy, offload in (
+        ("full", ""),
+        ("dots", ""),
+        ("minimal", ""),
+        ("qkv_with_context", ""),
+        ("save:mlpwi+context", ""),
+        ("save_qkv_proj", "context+mlpwi"),
+    ):
         jax.tree_util.tree_map(
             lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7),
             base,
-            grads(dataclasses.replace(cfg, remat=policy)),
+            grads(dataclasses.replace(cfg, remat=policy, remat_offload=offload)),
         )
+
+
+def test_remat_offload_keeps_the_named_activations_in_host_memory(model_and_params, capsys):
+    """`remat_offload`'s activations are residuals in host memory (JAX marks their type
+    `<host>`), one per layer and name; the kept names stay on the device."""
+    cfg = dataclasses.replace(
+        model_and_params[0], remat="save:key_proj", remat_offload="out_proj", scan_layers=False
+    )
+    model = build_model(cfg)
+    tokens = _tokens(8)
+    params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), tokens))["params"]
+    jax.ad_checkpoint.print_saved_residuals(
+        lambda p: model.apply({"params": p}, tokens).mean(), params
+    )
+    out = capsys.readouterr().out
+    assert set(re.findall(r"named '(\w+)'", out)) == {"key_proj"}
+    assert len(re.findall(r"<host>\[", out)) == cfg.n_layers
 
 
 @pytest.mark.parametrize(

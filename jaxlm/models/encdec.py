@@ -218,7 +218,7 @@ class T5Stack(nn.Module):
 
         block = T5Block
         if c.remat != "none":
-            block = nn.remat(block, policy=remat_policy(c.remat))
+            block = nn.remat(block, policy=remat_policy(c.remat, c.remat_offload))
         bias = None
         for i in range(self.n_layers):
             x_BLD, bias = block(c, self.causal, i == 0, self.deterministic, name=f"layers_{i}")(

@@ -9,7 +9,7 @@ from typing import Any
 import jax
 from flax import linen as nn
 
-from jaxlm.model_config import ModelConfig, remat_saved_names
+from jaxlm.model_config import ModelConfig, remat_offloaded_names, remat_saved_names
 
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -17,13 +17,21 @@ REMAT_POLICIES = {
 }
 
 
-def remat_policy(remat: str) -> Any:
+def remat_policy(remat: str, offload: str = "") -> Any:
     """The `jax.checkpoint` policy of `model.remat`: `full`, `dots`, or a list of the
     activations to keep (`save:NAME+NAME`, or a named recipe of `REMAT_RECIPES`, as
-    MaxText's `minimal` and `minimal_with_context`); the rest is recomputed."""
-    if remat in REMAT_POLICIES:
-        return REMAT_POLICIES[remat]
-    return jax.checkpoint_policies.save_only_these_names(*remat_saved_names(remat))
+    MaxText's `minimal` and `minimal_with_context`); the rest is recomputed, except
+    `offload`'s names (`model.remat_offload`), which wait in host memory."""
+    if not offload:
+        if remat in REMAT_POLICIES:
+            return REMAT_POLICIES[remat]
+        return jax.checkpoint_policies.save_only_these_names(*remat_saved_names(remat))
+    return jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[] if remat == "full" else list(remat_saved_names(remat)),
+        names_which_can_be_offloaded=list(remat_offloaded_names(offload)),
+        offload_src="device",
+        offload_dst="pinned_host",
+    )
 
 
 def stack_layers(
@@ -38,7 +46,9 @@ def stack_layers(
     remat'ed by `c.remat`; `args` are broadcast to every block. Blocks return (x, None).
     `attributes` are the block's further module fields (hashable; e.g. the decoder's lora)."""
     if c.remat != "none":
-        block = nn.remat(block, policy=remat_policy(c.remat), prevent_cse=not c.scan_layers)
+        block = nn.remat(
+            block, policy=remat_policy(c.remat, c.remat_offload), prevent_cse=not c.scan_layers
+        )
     if c.scan_layers:
         stack = nn.scan(
             block,
