@@ -243,25 +243,14 @@ def _lower(config: Config, mesh: Any, rules: Any) -> tuple[Any, Any, Any]:
     return step.lower(abstract, batch), abstract, batch
 
 
-def _estimate(
-    config: Config, compiled: Any, loops: list[int | None], mesh: Any, rules: Any
-) -> StepEstimate:
-    """Whole-step cost figures. XLA counts a loop body once, so a program with loops (a
-    scanned layer stack, gradient accumulation, windowed einsums) is compiled again
-    without them: layers unrolled (model.scan_layers=false), one microbatch of
-    batch/grad_accum rows whose cost is multiplied by grad_accum (the optimizer update is
-    then counted grad_accum times), and windowed einsums off."""
-    if not any(t != 1 for t in loops):
-        how = "the compiled program itself (no loops)"
-        return estimate_from_compiled(compiled, how, loops=loops)
+def _unrolled_estimate(config: Config, mesh: Any, rules: Any, how: str) -> StepEstimate:
+    """The cost model's figures for `config` compiled with its layers unrolled and one
+    microbatch, scaled to the step (see `_estimate`)."""
     accum = config.train.grad_accum
     flat = config.replace(
         model={"scan_layers": False},
         train={"grad_accum": 1, "batch_size": config.train.batch_size // accum},
     )
-    how = "a second compile with layers unrolled (model.scan_layers=false), windowed einsums off"
-    if accum > 1:
-        how += f", one microbatch x {accum}"
     lowered, _, _ = _lower(flat, mesh, rules)
     try:
         again = lowered.compile(ESTIMATE_COMPILER_OPTIONS)
@@ -269,6 +258,56 @@ def _estimate(
         first = str(err).splitlines()[0][:200]
         return StepEstimate(method=how, unavailable=f"the unrolled compile failed: {first}")
     return estimate_from_compiled(again, how, scale=accum)
+
+
+EXTRAPOLATE_FROM = (2, 4)  # layer counts compiled when the whole unrolled step is too big
+
+
+def _extrapolated_estimate(config: Config, mesh: Any, rules: Any, how: str) -> StepEstimate:
+    """Unrolled layers are alike, so a step's cost is a + b x layers: compile 2 and 4
+    layers and extend the line to n_layers. For a step whose unrolled program does not
+    fit (XLA schedules it differently from the scanned one that does)."""
+    m = config.model
+    if m.n_decoder_layers not in (0, m.n_layers) or m.n_layers <= max(EXTRAPOLATE_FROM):
+        return StepEstimate(method=how, unavailable="the unrolled compile does not fit")
+    lo, hi = (
+        _unrolled_estimate(config.replace(model={"n_layers": n}), mesh, rules, how)
+        for n in EXTRAPOLATE_FROM
+    )
+    if not (lo.ok and hi.ok):
+        return lo if not lo.ok else hi
+    est = StepEstimate(method=how)
+    (a, b), n = EXTRAPOLATE_FROM, m.n_layers
+    for name in ("seconds", "seconds_raw", "concat_bitcasts", "xla_flops", "bytes_accessed"):
+        x, y = getattr(lo, name), getattr(hi, name)
+        setattr(est, name, type(x)(x + (y - x) * (n - a) / (b - a)))
+    return est
+
+
+def _estimate(
+    config: Config, compiled: Any, loops: list[int | None], mesh: Any, rules: Any
+) -> StepEstimate:
+    """Whole-step cost figures. XLA counts a loop body once, so a program with loops (a
+    scanned layer stack, gradient accumulation, windowed einsums) is compiled again
+    without them: layers unrolled (model.scan_layers=false), one microbatch of
+    batch/grad_accum rows whose cost is multiplied by grad_accum (the optimizer update is
+    then counted grad_accum times), and windowed einsums off. Where that program does
+    not fit, 2 and 4 unrolled layers are compiled and extrapolated."""
+    if not any(t != 1 for t in loops):
+        how = "the compiled program itself (no loops)"
+        return estimate_from_compiled(compiled, how, loops=loops)
+    accum = config.train.grad_accum
+    how = "a second compile with layers unrolled (model.scan_layers=false), windowed einsums off"
+    if accum > 1:
+        how += f", one microbatch x {accum}"
+    est = _unrolled_estimate(config, mesh, rules, how)
+    if "RESOURCE_EXHAUSTED" not in est.unavailable:
+        return est
+    lo, hi = EXTRAPOLATE_FROM
+    how = how.replace("a second compile", f"compiles of {lo} and {hi} layers") + (
+        f", extrapolated to {config.model.n_layers} (all of them unrolled do not fit)"
+    )
+    return _extrapolated_estimate(config, mesh, rules, how)
 
 
 def compile_train_step(

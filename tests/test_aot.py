@@ -188,6 +188,36 @@ def test_compile_reports_the_compilers_whole_step_estimate(fsdp):
         assert f"\n  {line}" in text
 
 
+def test_a_step_too_big_to_unroll_is_extrapolated_from_2_and_4_layers(monkeypatch):
+    """Where the unrolled step does not fit, the estimate is the straight line through 2
+    and 4 unrolled layers; cut to 1 and 2 here, on 3 layers it lands on the 3-layer
+    unrolled compile."""
+    from jaxlm import aot
+    from jaxlm import sharding as shd
+
+    monkeypatch.setattr(aot, "EXTRAPOLATE_FROM", (1, 2))
+    config = _tiny("mesh.data=1", "mesh.fsdp=4", "model.n_layers=3")
+    mesh = shd.make_mesh(config.mesh, aot.topology_devices(parse_topology("v5e-2x2")))
+    rules = shd.logical_rules(config.mesh)
+    whole = aot._unrolled_estimate(config, mesh, rules, "3 layers unrolled")
+    assert whole.ok
+
+    unrolled = aot._unrolled_estimate
+
+    def out_of_memory_at_three(cfg, *args):
+        if cfg.model.n_layers == 3:
+            return aot.StepEstimate(method="", unavailable="...: RESOURCE_EXHAUSTED: ...")
+        return unrolled(cfg, *args)
+
+    monkeypatch.setattr(aot, "_unrolled_estimate", out_of_memory_at_three)
+    line = aot._estimate(config, None, [3], mesh, rules)
+    assert line.ok and "compiles of 1 and 2 layers" in line.method
+    assert "extrapolated to 3" in line.method
+    assert line.seconds == pytest.approx(whole.seconds, rel=0.01)
+    assert line.xla_flops == pytest.approx(whole.xla_flops, rel=0.001)
+    assert line.bytes_accessed == pytest.approx(whole.bytes_accessed, rel=0.02)
+
+
 # A hand-written module: a loop of 3 iterations gathering 2x8 f32 (64 B) per iteration,
 # an async all-reduce of 4 bf16, a reduce-scatter to 4 f32 over groups of 4, and TPU's
 # fused reduce-scatter (an all-reduce of 16 f32 and a dynamic slice) run twice by a call.
