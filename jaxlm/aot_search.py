@@ -24,6 +24,7 @@ from typing import Any
 from jaxlm.aot import Topology, compile_train_step, report_json
 from jaxlm.config import Config, load_config, to_yaml
 from jaxlm.errors import JaxlmError
+from jaxlm.train import xla_options
 
 # Mesh strategies by name: the overrides that select them.
 MESHES = {
@@ -74,9 +75,15 @@ def candidates(space: dict[str, list[str]], chips: int) -> list[list[str]]:
     return out
 
 
+# Bumped when what jaxlm compiles, or reads from a compile, changes under the same
+# package versions (compile options, the HLO reader), so older records are not reused.
+RECORD_VERSION = 2
+
+
 def cache_key(config: Config, topology: Topology, slices: int) -> str:
-    """What decides the compiled program: the resolved config, the slice, the compilers."""
-    versions = []
+    """What decides the compiled program: the resolved config, the slice, the compilers,
+    TPU compile options and the record's version."""
+    versions = [f"record={RECORD_VERSION}", f"options={sorted(xla_options.TPU.items())}"]
     for package in ("jaxlm", "jax", "jaxlib", "libtpu", "flax"):
         try:
             versions.append(f"{package}={md.version(package)}")
