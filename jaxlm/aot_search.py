@@ -21,7 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from jaxlm.aot import Topology, compile_train_step, report_json
+from jaxlm.aot import Topology, compile_train_step
+from jaxlm.aot_report import report_json
 from jaxlm.config import Config, load_config, to_yaml
 from jaxlm.errors import JaxlmError
 from jaxlm.train import xla_options

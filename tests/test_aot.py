@@ -163,7 +163,7 @@ def test_compile_reports_the_compilers_whole_step_estimate(fsdp):
     """What `jaxlm compile` prints (and --json) for the scanned tiny gpt2: the estimate
     covers both layers. The hand formula: 6 N' T + 12 L d S T, N' = parameters without the
     position table; N = V d + M d + L (12 d^2 + 13 d) + 2 d (tied, with biases)."""
-    from jaxlm.aot import format_report, report_json
+    from jaxlm.aot_report import format_report, report_json
 
     v, m, d, layers, seq, rows, chips = 512, 64, 64, 2, 64, 8, 4
     out = json.loads(json.dumps(report_json(fsdp)))
