@@ -141,6 +141,9 @@ class CompileReport:
     alias_bytes: int = 0
     temp_bytes: int = 0
     code_bytes: int = 0
+    # Host memory the step's temporaries take per chip: activations model.remat_offload
+    # moves there. XLA's cost model prices those copies like HBM copies.
+    host_temp_bytes: int = 0
     flops_per_step: float = 0.0  # 6N + attention per token (as for MFU), whole step
     xla_flops_per_chip: float = 0.0  # the compiler's count: a scanned layer loop counts once
     largest: list[ArrayLayout] = field(default_factory=list)
@@ -361,6 +364,7 @@ def compile_train_step(
     report.alias_bytes = mem.alias_size_in_bytes
     report.temp_bytes = mem.temp_size_in_bytes
     report.code_bytes = mem.generated_code_size_in_bytes
+    report.host_temp_bytes = getattr(mem, "host_temp_size_in_bytes", 0)
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     report.xla_flops_per_chip = float(cost.get("flops", 0.0)) if cost else 0.0

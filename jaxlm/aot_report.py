@@ -91,6 +91,7 @@ def report_json(r: CompileReport) -> dict[str, Any]:
             "temporaries": r.temp_bytes,
             "code": r.code_bytes,
             "total": r.total_bytes,
+            "host_temporaries": r.host_temp_bytes,
         },
         "model_flops_per_step": r.flops_per_step,
         "xla_flops_per_chip_compiled": r.xla_flops_per_chip,
@@ -142,6 +143,13 @@ def format_report(r: CompileReport) -> str:
             f"  code         {_gib(r.code_bytes)}",
             f"  total        {_gib(r.total_bytes)} of {_gib(r.topology.hbm_bytes)} "
             f"({100 * r.total_bytes / r.topology.hbm_bytes:.0f}%)",
+        ]
+        if r.host_temp_bytes:
+            lines.append(
+                f"  host memory  {_gib(r.host_temp_bytes)} (offloaded activations; the cost "
+                "model prices their copies like HBM copies, so the estimate is optimistic)"
+            )
+        lines += [
             f"FLOPs per step: {r.flops_per_step:.3e} (6N + attention), "
             f"{r.flops_per_step / (r.topology.chips * r.slices):.3e} per chip; "
             f"XLA counts {r.xla_flops_per_chip:.3e} per chip in this program (a loop body "

@@ -188,6 +188,20 @@ def test_compile_reports_the_compilers_whole_step_estimate(fsdp):
         assert f"\n  {line}" in text
 
 
+def test_offloaded_activations_are_reported_in_host_memory():
+    """model.remat_offload compiles for TPU and its activations show as host memory, with
+    the cost model's caveat; without it there is none."""
+    from jaxlm.aot_report import format_report
+
+    v5e = parse_topology("v5e-2x2")
+    offload = ("mesh.data=1", "mesh.fsdp=4", "model.remat=full")
+    report = compile_train_step(_tiny(*offload, "model.remat_offload=mlpwi+context"), v5e)
+    # 2 layers x 8 rows x 64 positions x (the MLP's 256 wide input + attention's 64) x 4 B
+    # (float32) over 4 chips
+    assert report.host_temp_bytes >= 2 * 8 * 64 * (256 + 64) * 4 // 4
+    assert "host memory" in format_report(report) and "optimistic" in format_report(report)
+
+
 def test_a_step_too_big_to_unroll_is_extrapolated_from_2_and_4_layers(monkeypatch):
     """Where the unrolled step does not fit, the estimate is the straight line through 2
     and 4 unrolled layers; cut to 1 and 2 here, on 3 layers it lands on the 3-layer
