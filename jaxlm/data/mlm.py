@@ -58,7 +58,7 @@ def max_segment_len(seq_len: int) -> int:
     return (seq_len - 3) // 2
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Segments:
     """A stream's documents cut into segments; `starts` are the segments with a next one
     in the same document (the examples' A)."""
@@ -66,6 +66,11 @@ class Segments:
     tokens: list[np.ndarray]
     doc: np.ndarray  # document index of each segment
     starts: np.ndarray
+
+    def __repr__(self) -> str:
+        # grain names each map by str() of its function, a partial holding this: the
+        # default repr would print every segment (megabytes, seconds per stream).
+        return f"Segments({len(self.tokens)} segments, {len(self.starts)} starts)"
 
 
 def _lines(ids: list[int], newline: int) -> list[list[int]]:
