@@ -10,7 +10,7 @@ import pytest
 from flax import linen as nn
 
 import jaxlm
-from jaxlm import cli
+from jaxlm import cli_use
 from jaxlm.cli import main
 from jaxlm.config import load_config
 from jaxlm.data.sources import read_documents
@@ -99,7 +99,7 @@ def test_text2text_generation(dirs):
 def test_cli_generate_matches_the_python_api(generator, dirs, tmp_path, capsys, monkeypatch):
     """Prompts from the command line and a file, one generation call per prompt (the
     CLI batches them, here by one), equal one call of the Python API on all of them."""
-    monkeypatch.setattr(cli, "GENERATE_BATCH", 1)
+    monkeypatch.setattr(cli_use, "GENERATE_BATCH", 1)
     gpt = str(dirs[0])
     expected = generator([PROMPT, "ROMEO:"])
     prompts = tmp_path / "prompts.txt"
