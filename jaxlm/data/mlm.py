@@ -69,7 +69,7 @@ class Segments:
 
     def __repr__(self) -> str:
         # grain names each map by str() of its function, a partial holding this: the
-        # default repr would print every segment (megabytes, seconds per stream).
+        # default repr would print every segment (megabytes per stream).
         return f"Segments({len(self.tokens)} segments, {len(self.starts)} starts)"
 
 
