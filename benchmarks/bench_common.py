@@ -60,9 +60,15 @@ class TrainSetup:
     raw_step: Any  # the pure train_step
 
 
-def train_setup(overrides: list[str], total_steps: int) -> TrainSetup:
-    """jaxlm's model, train state and step on one device, built as `jaxlm train` builds
-    them, for config `overrides` (start from `shape_overrides`)."""
+def train_setup(
+    overrides: list[str],
+    total_steps: int,
+    config_path: str | None = None,
+    devices: list[Any] | None = None,
+) -> TrainSetup:
+    """jaxlm's model, train state and step, built as `jaxlm train` builds them, for
+    `config_path` (None: the defaults) with `overrides` (start from `shape_overrides`),
+    on `devices` (None: the first device)."""
     import jax
 
     from jaxlm import sharding as shd
@@ -72,8 +78,8 @@ def train_setup(overrides: list[str], total_steps: int) -> TrainSetup:
     from jaxlm.train.state import init_state, state_shardings
     from jaxlm.train.step import jit_steps, make_eval_step, make_train_step
 
-    config = load_config(None, overrides)
-    mesh = shd.make_mesh(config.mesh, jax.devices()[:1])
+    config = load_config(config_path, overrides)
+    mesh = shd.make_mesh(config.mesh, devices or jax.devices()[:1])
     rules = shd.logical_rules(config.mesh)
     model = build_model(config.model)
     tx = make_optimizer(config.optim, total_steps)

@@ -9,6 +9,7 @@ side skipped when torch or the reference script is missing.
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -71,3 +72,19 @@ def test_cpu_tuning_applies_on_cpu_only(monkeypatch):
     assert cpu_tuning.unroll_decoding()
     monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
     assert not cpu_tuning.unroll_decoding()
+
+
+def test_accelerator_step_smoke_reports_consistent_figures():
+    cmd = [sys.executable, "benchmarks/accelerator_step.py", "--smoke"]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    r = json.loads(done.stdout.strip().splitlines()[-1])
+    median = r["step_seconds"]["median"]
+    assert r["tokens_per_step"] == 2 * 64 * r["devices"]
+    per_device = r["tokens_per_step"] / median / r["devices"]
+    assert r["tokens_per_s_per_device"] == pytest.approx(per_device)
+    rate = r["measured_matmul_tflops"] * 1e12 * r["devices"]
+    assert r["mfu_measured_peak"] == pytest.approx(r["model_flops_per_step"] / median / rate)
+    assert 0 < r["mfu_measured_peak"] < 1.5 and r["attention"] == "einsum"
+    first, last = r["loss_first_last"]
+    assert abs(first - math.log(512)) < 0.5 and last < first  # random tokens: from ln V, learning
