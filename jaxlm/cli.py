@@ -69,9 +69,10 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> int:
     config_path, overrides = _split_overrides(args.config)
     config = load_config(config_path, overrides)
     docs = read_documents(config.data.path, config.data.text_field, config.data.split)
-    train_docs, _ = split_documents(docs, config.data.eval_fraction)
+    if not config.data.eval_path:  # else all of data.path trains
+        docs, _ = split_documents(docs, config.data.eval_fraction)
     tok = config.tokenizer
-    sample = sample_examples(config, train_docs)  # bounded, whatever the corpus size
+    sample = sample_examples(config, docs)  # bounded, whatever the corpus size
     out = train_tokenizer(sample, args.out, tok.vocab_size, tok.model_type)
     print(f"wrote {out} ({load_tokenizer(out).get_piece_size()} pieces)")
     return 0

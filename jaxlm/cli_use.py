@@ -12,9 +12,8 @@ from jaxlm.errors import JaxlmError
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from jaxlm.data.pipeline import split_documents
     from jaxlm.data.seq2seq import read_pairs
-    from jaxlm.data.tasks import read_examples
+    from jaxlm.data.tasks import read_examples, train_and_held_out
     from jaxlm.evaluation import (
         evaluate_model,
         format_table,
@@ -72,10 +71,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
             results = overlap_scores(outputs, [r for _, r in pairs])
             title = f"{args.model} on {args.pairs} (greedy, {args.max_new_tokens} new tokens)"
         else:
-            path = args.data or config.data.path
-            examples = read_examples(config.replace(data={"path": path}))
-            if not args.data:  # the run's own held-out split, as in training
-                examples = split_documents(examples, config.data.eval_fraction)[1]
+            if args.data:
+                path = args.data
+                examples = read_examples(config.replace(data={"path": path}))
+            else:  # the run's own held-out set, as in training
+                path = config.data.eval_path or config.data.path
+                examples = train_and_held_out(config)[1]
             results = evaluate_model(
                 pretrained,
                 examples,
@@ -83,7 +84,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 seq_len=args.seq_len,
                 max_batches=args.max_batches,
             )
-            title = f"{args.model} on {path}" + ("" if args.data else " (held-out split)")
+            split = not (args.data or config.data.eval_path)
+            title = f"{args.model} on {path}" + (" (held-out split)" if split else "")
     print(format_table(results, title))
     if args.json:
         write_json(results, args.json)

@@ -69,6 +69,9 @@ class DataConfig:
     mean_noise_span_length: float = 3.0
     split: str = "paragraph"  # how .txt files become documents: paragraph | line | file
     eval_fraction: float = 0.1  # held out: one document in every 1/eval_fraction
+    # A separate held-out set (a file, directory or glob in data.path's format; Hugging
+    # Face's validation_file). Set, all of data.path trains and eval_fraction is unused.
+    eval_path: str = ""
     # Extractive QA (bert, model.head=qa): context tokens between the starts of a
     # passage's windows when it is longer than a row (BERT's doc_stride; 0 = seq_len / 2).
     doc_stride: int = 0

@@ -77,6 +77,10 @@ CASES = [
         ["train", "configs/shakespeare.yaml", *TINY, "model.max_len=32", "--run-dir", "{d}/out"],
         "config key 'train.seq_len': 64 exceeds model.max_len 32",
     ),
+    (
+        ["data", "prepare", "configs/shakespeare.yaml", "data.eval_path=x.txt", "--out", "{d}/out"],
+        "data.eval_path: token shards hold out by data.eval_fraction; unset data.eval_path",
+    ),
 ]
 
 

@@ -158,6 +158,11 @@ def token_data(config: Any, run_dir: epath.Path):
     from jaxlm.model_config import FAMILIES
 
     d = config.data
+    if d.eval_path:
+        raise JaxlmError(
+            "data.eval_path: token shards and data.mixture hold out by data.eval_fraction; "
+            "unset data.eval_path"
+        )
     if FAMILIES[config.model.family].data != "packed":
         raise JaxlmError(
             f"data: model.family={config.model.family} cannot train on token shards or "

@@ -206,6 +206,10 @@ def prepare(
     d = config.data
     if is_shard_dir(d.path):
         raise JaxlmError(f"data.path: {d.path} already holds token shards")
+    if d.eval_path:
+        raise JaxlmError(
+            "data.eval_path: token shards hold out by data.eval_fraction; unset data.eval_path"
+        )
     out_dir = epath.Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     plan_file = out_dir / PLAN

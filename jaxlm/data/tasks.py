@@ -23,7 +23,7 @@ import sentencepiece as spm
 
 from jaxlm.config import Config
 from jaxlm.data import extractive_qa, mlm, seq2seq, sft, span_corruption
-from jaxlm.data.pipeline import check_enough_text
+from jaxlm.data.pipeline import check_enough_text, split_documents
 from jaxlm.data.sources import list_files, read_documents
 from jaxlm.errors import JaxlmError
 from jaxlm.model_config import FAMILIES, family_of
@@ -83,6 +83,23 @@ def read_examples(config: Config) -> Sequence[Any]:
     if _task(config) == "extractive_qa":
         return extractive_qa.read_passages(d.path)
     return read_documents(d.path, d.text_field, d.split)
+
+
+def train_and_held_out(config: Config) -> tuple[Sequence[Any], Sequence[Any]]:
+    """The training examples and the held-out ones: all of `data.path` and all of
+    `data.eval_path` when that is set, else `data.path` split by `data.eval_fraction`
+    (one record in every 1/f, `pipeline.split_documents`)."""
+    examples = read_examples(config)
+    eval_path = config.data.eval_path
+    if not eval_path:
+        return split_documents(examples, config.data.eval_fraction)
+    try:
+        held_out = read_examples(config.replace(data={"path": eval_path}))
+    except JaxlmError as err:  # the reader names data.path, whose value it was given
+        raise JaxlmError(str(err).replace("data.path:", "data.eval_path:", 1)) from None
+    if not len(held_out):
+        raise JaxlmError(f"data.eval_path: {eval_path} holds no examples")
+    return examples, held_out
 
 
 def check_enough(config: Config, train_examples: Sequence[Any]) -> None:

@@ -24,7 +24,7 @@ from jaxlm import checkpoint as ckpt
 from jaxlm import sharding as shd
 from jaxlm.config import Config, check_trainable, load_config, to_yaml
 from jaxlm.data import mixture, tasks
-from jaxlm.data.pipeline import eval_batches, make_dataset, split_documents
+from jaxlm.data.pipeline import eval_batches, make_dataset
 from jaxlm.data.tokenizer import run_tokenizer
 from jaxlm.errors import JaxlmError, NonFiniteLoss
 from jaxlm.generation import generate_ids
@@ -219,8 +219,7 @@ def train(
     if mixture.uses_token_data(config):  # token shards or data.mixture
         train_docs, held_out, tokenizer, make_stream = mixture.token_data(config, run_dir)
     else:
-        docs = tasks.read_examples(config)
-        train_docs, held_out = split_documents(docs, config.data.eval_fraction)
+        train_docs, held_out = tasks.train_and_held_out(config)
         tasks.check_enough(config, train_docs)
         sample = partial(tasks.tokenizer_corpus, config, train_docs)  # read if trained
         tokenizer = run_tokenizer(
