@@ -226,7 +226,7 @@ def test_a_step_too_big_to_unroll_is_extrapolated_from_2_and_4_layers(monkeypatc
     monkeypatch.setattr(aot, "_unrolled_estimate", out_of_memory_at_three)
     line = aot._estimate(config, None, [3], mesh, rules)
     assert line.ok and "compiles of 1 and 2 layers" in line.method
-    assert "extrapolated to 3" in line.method
+    assert "extrapolated to 3" in line.method and "on v5e this overestimates" in line.method
     assert line.seconds == pytest.approx(whole.seconds, rel=0.01)
     assert line.xla_flops == pytest.approx(whole.xla_flops, rel=0.001)
     assert line.bytes_accessed == pytest.approx(whole.bytes_accessed, rel=0.02)
