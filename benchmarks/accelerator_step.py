@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import summary, train_setup
+from bench_common import summary, train_setup, xla_matmul_peak_gflops
 
 SMOKE = [
     "model.family=llama",
@@ -41,27 +41,6 @@ SMOKE = [
     "model.dtype=float32",
 ]
 FSDP = ["mesh.data=1", "mesh.fsdp=-1", "mesh.strategy=fsdp"]
-
-
-def matmul_tflops(device, n: int, dtype, seconds: float = 0.5) -> float:
-    """Median rate of n x n products on `device` (bf16 in, fp32 accumulation)."""
-    import jax
-    import jax.numpy as jnp
-
-    a = jax.device_put(jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype), device)
-    mm = jax.jit(lambda x: jnp.matmul(x, x, preferred_element_type=jnp.float32).astype(x.dtype))
-    mm(a).block_until_ready()
-    t0 = time.perf_counter()
-    mm(a).block_until_ready()
-    iters = max(1, int(seconds / 3 / max(time.perf_counter() - t0, 1e-9)))
-    rates = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            out = mm(a)
-        out.block_until_ready()
-        rates.append(2.0 * n**3 * iters / (time.perf_counter() - t0) / 1e12)
-    return statistics.median(rates)
 
 
 def measure(args: argparse.Namespace) -> dict:
@@ -101,9 +80,12 @@ def measure(args: argparse.Namespace) -> dict:
         }
         return {k: jax.device_put(v, data) for k, v in host.items()}
 
-    n = args.matmul_n
-    dtype = jnp.float32 if args.smoke else jnp.bfloat16
-    peaks = [matmul_tflops(devices[0], n, dtype)]
+    def matmul_tflops() -> float:  # bf16 products on the first device
+        dtype = jnp.float32 if args.smoke else jnp.bfloat16
+        gflops = xla_matmul_peak_gflops(args.matmul_n, 3, 0.2, dtype, devices[0])
+        return gflops / 1e3
+
+    peaks = [matmul_tflops()]
     batches = [random_batch() for _ in range(2)]
     losses, times = [], []
     for i in range(total):
@@ -111,7 +93,7 @@ def measure(args: argparse.Namespace) -> dict:
         state, metrics = step_fn(state, batches[i % 2])
         losses.append(float(metrics["loss"]))
         times.append(time.perf_counter() - t0)
-    peaks.append(matmul_tflops(devices[0], n, dtype))
+    peaks.append(matmul_tflops())
 
     step = times[args.warmup :]
     median = statistics.median(step)

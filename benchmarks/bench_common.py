@@ -100,13 +100,21 @@ def flops_per_token(c: dict) -> float:
     return 6 * (non_embedding + vocab * d) + 12 * n_layers * d * t
 
 
-def xla_matmul_peak_gflops(n: int = 2048, samples: int = 5, min_sample_s: float = 0.3) -> float:
-    """Median fp32 GFLOP/s of n x n products through XLA, timed like the reference's
-    torch.matmul peak (same n, samples and sample length)."""
+def xla_matmul_peak_gflops(
+    n: int = 2048,
+    samples: int = 5,
+    min_sample_s: float = 0.3,
+    dtype: Any = None,
+    device: Any = None,
+) -> float:
+    """Median GFLOP/s of n x n products through XLA (fp32 unless `dtype`, on `device`
+    or the default one), timed like the reference's torch.matmul peak (same n, samples
+    and sample length)."""
     import jax
     import jax.numpy as jnp
 
-    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype or jnp.float32)
+    a = jax.device_put(a, device)
     mm = jax.jit(lambda x: x @ x)
     mm(a).block_until_ready()
     t0 = time.perf_counter()
