@@ -78,8 +78,11 @@ CASES = {
 }
 
 
-def compile_case(case: Case, extra: list[str], timeout: int, fresh: bool = False) -> dict:
-    """`jaxlm compile --json` for one case, in a fresh process; its JSON and wall time.
+def compile_case(
+    case: Case, extra: list[str], timeout: int, fresh: bool = False, cached_only: bool = False
+) -> dict:
+    """`jaxlm compile --json` for one case, in a fresh process; its JSON and wall time
+    (with `cached_only`, {} where no record is cached).
 
     The record is kept in `jaxlm compile --search`'s cache (keyed by the resolved config,
     topology and versions), so a case a search already compiled costs nothing."""
@@ -94,6 +97,8 @@ def compile_case(case: Case, extra: list[str], timeout: int, fresh: bool = False
     cached = cache_path(config, parse_topology(case.topology))
     if cached.exists() and not fresh:
         return {**json.loads(cached.read_text()), "wall_s": "cached"}
+    if cached_only:
+        return {}
     words = [case.config] if case.config else []
     words += overrides
     cmd = [sys.executable, "-m", "jaxlm.cli", "compile", *words, "--topology", case.topology]

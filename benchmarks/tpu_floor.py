@@ -44,7 +44,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
-from tpu_aot import CASES  # noqa: E402
+from tpu_aot import CASES, compile_case  # noqa: E402
 
 from jaxlm.aot import GENERATIONS, parse_topology, topology_devices  # noqa: E402
 from jaxlm.aot_estimate import PEAK_BF16_TFLOPS  # noqa: E402
@@ -65,9 +65,9 @@ MAXTEXT = {
 }
 
 
-def estimate(fn, args, out_shardings=None) -> tuple[float, float]:
+def estimate(fn, args) -> tuple[float, float]:
     """The cost model's (seconds, FLOPs) for `fn` on abstract `args`."""
-    compiled = jax.jit(fn, out_shardings=out_shardings).lower(*args).compile()
+    compiled = jax.jit(fn).lower(*args).compile()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     return float(cost["optimal_seconds"]), float(cost.get("flops", 0.0))
@@ -148,23 +148,8 @@ def cross_entropy_seconds(device, tokens: int, vocab: int) -> float:
 
 def jaxlm_step(case_name: str, remat: str, compile_missing: bool) -> float | None:
     """jaxlm's whole-step estimate for the case at `remat` (tpu_aot.py's record)."""
-    from tpu_aot import compile_case
-
-    case = CASES[case_name]
-    if not compile_missing:
-        from jaxlm.aot_search import cache_path
-
-        overrides = [
-            *case.overrides,
-            f"train.batch_size={case.per_chip_batch * case.chips}",
-            f"train.seq_len={case.seq_len}",
-            f"model.max_len={case.seq_len}",
-            f"model.remat={remat}",
-        ]
-        path = cache_path(load_config(case.config, overrides), parse_topology(case.topology))
-        if not path.exists():
-            return None
-    record = compile_case(case, [f"model.remat={remat}"], timeout=3600)
+    extra = [f"model.remat={remat}"]
+    record = compile_case(CASES[case_name], extra, 3600, cached_only=not compile_missing)
     return (record.get("estimate") or {}).get("step_seconds")
 
 
